@@ -1,0 +1,46 @@
+"""Adapters a pipeline can take on: `DIR[:SCALE]` folders written by difflab's methods.
+
+A folder holding `pytorch_lora_weights.safetensors` is a diffusers LoRA (sliders, peft-trained adapters) and
+loads through `pipe.load_lora_weights`, so plain diffusers code can use the same folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from difflab.errors import DifflabError
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def parse_adapter(spec: str) -> tuple[Path, float]:
+    """"DIR" or "DIR:SCALE" -> (DIR, SCALE); the scale defaults to 1."""
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            path = spec
+    p = Path(path)
+    if not p.is_dir():
+        raise DifflabError(f"adapter {path} is not a folder")
+    return p, scale
+
+
+def apply_adapters(pipe, specs: list[str]) -> None:
+    """Load every adapter into the pipeline at its scale."""
+    names, weights = [], []
+    for i, spec in enumerate(specs):
+        path, scale = parse_adapter(spec)
+        if (path / LORA_FILE).is_file():
+            name = f"adapter{i}"
+            try:
+                pipe.load_lora_weights(path, adapter_name=name)
+            except Exception as e:
+                raise DifflabError(f"could not load LoRA adapter {path}: {str(e).splitlines()[0]}") from e
+            names.append(name)
+            weights.append(scale)
+        else:
+            raise DifflabError(f"{path} holds no adapter difflab knows ({LORA_FILE})")
+    if names:
+        pipe.set_adapters(names, adapter_weights=weights)

@@ -1,0 +1,146 @@
+"""`difflab <command>`: argument parsing and printing only. Every command is one call into the Python API."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+# The CLI prints what matters itself; library chatter (torchvision fallbacks, hub retries) buries it.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import click
+
+from difflab.errors import DifflabError
+
+
+class _Group(click.Group):
+    """Turns a DifflabError anywhere below into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DifflabError as e:
+            click.echo(f"difflab: error: {e}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="difflab")
+def main():
+    """difflab: research methods for text-to-image diffusion models.
+
+    Every command works offline on the built-in shapes world (a procedural dataset, a tiny Stable Diffusion
+    model and an oracle that knows the truth of every image) and on real Stable Diffusion checkpoints
+    (hub id or local diffusers folder). Start with `difflab tour --out tour`.
+    """
+
+
+# --- world --------------------------------------------------------------------------------------------------
+@main.group(cls=_Group)
+def world():
+    """The shapes world: sample captioned images, describe its factors, train its models."""
+
+
+@world.command("sample")
+@click.option("--n", "n", type=click.IntRange(1), required=True, help="Number of images.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder (PNGs + metadata.jsonl).")
+@click.option("--include-heldout", is_flag=True, help="Draw held-out values too and name them in captions.")
+@click.option("--where", multiple=True, metavar="FACTOR=VALUE", help="Fix a factor, e.g. --where shape=heart.")
+def world_sample(n, seed, out, include_heldout, where):
+    """Write N procedural images with captions at varied detail and their true factors."""
+    from difflab.world import sample_folder
+    sample_folder(out, n=n, seed=seed, include_heldout=include_heldout, where=list(where))
+    click.echo(f"wrote {n} images and metadata.jsonl to {out}")
+
+
+@world.command("info")
+def world_info():
+    """Print the world's factors (trained and held-out values) and resolution as JSON."""
+    from difflab.world import info
+    click.echo(json.dumps(info(), indent=2))
+
+
+@world.command("train")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Work folder (checkpoints, logs).")
+@click.option("--stage", "stages", multiple=True, type=click.Choice(["vae", "oracle", "clip", "unet"]),
+              help="Run only these stages (default: all, in order). vae||oracle and unet||clip can run side by side.")
+@click.option("--steps", multiple=True, metavar="STAGE=N", help="Override a stage's steps, e.g. --steps unet=9000.")
+@click.option("--install", is_flag=True, help="Copy the result into difflab's shipped weights and judge it.")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+def world_train(out, stages, steps, install, threads):
+    """Train the shapes world's models from scratch (resumes from the last checkpoint in --out)."""
+    import torch
+
+    from difflab.world import train as T
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        overrides = {k: int(v) for k, v in (s.split("=", 1) for s in steps)}
+    except ValueError:
+        raise DifflabError("--steps expects STAGE=N, e.g. --steps unet=9000")
+    report = T.run(out, stages or T.STAGES, overrides)
+    click.echo(json.dumps(report, indent=2))
+    if install:
+        from difflab.world.card import install_and_card
+        click.echo(json.dumps(install_and_card(out, command=" ".join(["difflab"] + sys.argv[1:])), indent=2))
+
+
+# --- judge ---------------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--alias", multiple=True, metavar="TOKEN=VALUE", help='Map a token to a world value, e.g. "<new1>=heart".')
+def judge(folder, alias):
+    """Judge FOLDER's images with the oracle against the factors their prompts name.
+
+    Writes FOLDER/judge.json (accuracy per factor, joint accuracy, rate of each value) and FOLDER/judge.jsonl
+    (each image's predicted factors), and prints judge.json.
+    """
+    from difflab.world.oracle import judge_folder, parse_aliases
+    click.echo(json.dumps(judge_folder(folder, aliases=parse_aliases(list(alias))), indent=2))
+
+
+# --- generate ------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--model", default="shapes", show_default=True, help='"shapes", a diffusers folder, or a hub id.')
+@click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable).")
+@click.option("--prompts-file", type=click.Path(path_type=Path), help="A text file, one prompt a line.")
+@click.option("--n", "n", type=click.IntRange(1), default=1, show_default=True, help="Images per prompt.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Image k uses seed + k.")
+@click.option("--steps", type=click.IntRange(1), default=25, show_default=True, help="Denoising steps.")
+@click.option("--guidance", type=float, default=5.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--adapter", "adapters", multiple=True, metavar="DIR[:SCALE]", help="An adapter folder (repeatable).")
+@click.option("--device", default=None, help="torch device (default: cpu).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+def generate(model, prompts, prompts_file, n, seed, steps, guidance, adapters, device, out):
+    """Generate images: OUT gets PNGs and metadata.jsonl (file, prompt, seed, settings)."""
+    from difflab.generate import generate as api_generate
+    prompts = list(prompts)
+    if prompts_file:
+        try:
+            prompts += [l.strip() for l in Path(prompts_file).read_text().splitlines() if l.strip()]
+        except OSError as e:
+            raise DifflabError(f"cannot read --prompts-file {prompts_file}: {e.strerror}")
+    api_generate(prompts, out, model=model, n=n, seed=seed, steps=steps, guidance=guidance,
+                 adapters=list(adapters), device=device)
+    click.echo(f"wrote {len(prompts) * n} images to {out}")
+
+
+# --- tour ----------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("difflab-tour"), show_default=True)
+@click.option("--model", default="shapes", show_default=True)
+@click.option("--n", "n", type=click.IntRange(1), default=4, show_default=True, help="Images per prompt.")
+@click.option("--seed", type=int, default=1000, show_default=True)
+def tour(out, model, n, seed):
+    """The main job: sample the world, generate a prompt grid, judge it, write OUT/report.html."""
+    from difflab.tour import run_tour
+    metrics = run_tour(out, model=model, n=n, seed=seed)
+    click.echo(json.dumps(metrics, indent=2))
+    click.echo(f"open {out / 'report.html'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Image folders: `*.png` + `metadata.jsonl`, read with clear errors, and cached latents / text embeddings."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from difflab.errors import DifflabError
+
+
+def read_metadata(folder: str | Path) -> list[dict]:
+    """The records of `folder/metadata.jsonl`; each has a "file" that exists and a "prompt" or "caption"."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DifflabError(f"{folder} is not a folder")
+    path = folder / "metadata.jsonl"
+    if not path.is_file():
+        raise DifflabError(f"{folder} has no metadata.jsonl (one JSON object a line: file, prompt or caption)")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DifflabError(f"{path}:{n} is not valid JSON ({e.msg})") from e
+        if not isinstance(rec, dict) or "file" not in rec:
+            raise DifflabError(f"{path}:{n} has no \"file\" field")
+        records.append(rec)
+    if not records:
+        raise DifflabError(f"{path} is empty")
+    return records
+
+
+def text_of(rec: dict) -> str:
+    """The text of a record: "prompt" (generated images) or "caption" (sampled ones)."""
+    return rec.get("prompt", rec.get("caption", ""))
+
+
+def load_image(path: str | Path, size: int | None = None) -> Image.Image:
+    """An RGB image, optionally resized (bicubic) to size x size; an unreadable file is a DifflabError."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise DifflabError(f"cannot read image {path}: {e}") from e
+    if size is not None and im.size != (size, size):
+        im = im.resize((size, size), Image.BICUBIC)
+    return im
+
+
+def load_folder_images(folder: str | Path, records: list[dict] | None = None, size: int | None = None):
+    folder = Path(folder)
+    records = records if records is not None else read_metadata(folder)
+    return [load_image(folder / r["file"], size) for r in records]
+
+
+def to_pixels(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> (N, 3, H, W) in [-1, 1], as the VAE expects."""
+    arr = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 64, sample: bool = False,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """VAE latents times the scaling factor (the UNet's input space); the posterior mean unless `sample`."""
+    out = []
+    for i in range(0, len(pixels), batch_size):
+        dist = vae.encode(pixels[i:i + batch_size].to(vae.device, vae.dtype)).latent_dist
+        out.append(dist.sample(generator) if sample else dist.mean)
+    return torch.cat(out) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder hidden states for prompts (SD 1.x/2.x and the shapes model), one row per prompt."""
+    tok = pipe.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0]

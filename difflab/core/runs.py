@@ -1,0 +1,67 @@
+"""Run folders: config.json in, artefacts and metrics.json out, every write atomic.
+
+A command that produces something writes one folder. It is built under a hidden temporary name beside the
+target and renamed into place only when the command succeeds, so a failed or interrupted command leaves
+nothing half-written where the user asked for output.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from difflab import __version__
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Write JSON to a temp file in the same folder, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_metrics(folder: Path, metrics: dict, command: str | None = None) -> dict:
+    """metrics.json: flat keys and numbers, plus the command and difflab's version."""
+    out = dict(metrics)
+    out["command"] = command if command is not None else " ".join(["difflab"] + sys.argv[1:])
+    out["difflab_version"] = __version__
+    atomic_write_json(Path(folder) / "metrics.json", out)
+    return out
+
+
+@contextlib.contextmanager
+def output_folder(out: Path, overwrite: bool = True):
+    """Yield a temporary folder that becomes `out` when the block succeeds and vanishes when it fails.
+
+    An existing `out` is replaced only at the end (so a failure keeps the old results intact).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{out} exists")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

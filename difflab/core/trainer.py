@@ -1,0 +1,199 @@
+"""The one training loop every difflab method uses.
+
+Methods differ in their loss and in which parameters train, never in the loop: a method hands `train` its
+modules, the parameters to optimise, a `batch_fn(step)` and a `loss_fn(batch)`. The loop is accelerate-based
+(mixed precision, gradient accumulation, `accelerate launch` for many GPUs), keeps an optional EMA of the
+trained parameters, checkpoints to safetensors (no pickle anywhere) and resumes from the last checkpoint
+exactly: data are a function of the step, so step N sees the same batch in a resumed run as in an unbroken one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from difflab.core.runs import atomic_write_json
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN loss, say); the message says what to change."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"       # "constant" or "cosine" (after warmup)
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"         # "no", "fp16" or "bf16", as accelerate names them
+    ema_decay: float | None = None      # keep an EMA of the trained parameters (used for the final weights)
+    checkpoint_every: int = 0           # optimizer steps between checkpoints; 0 = only at the end
+    log_every: int = 50
+    seed: int = 0
+    progress: bool = True
+    desc: str = "train"
+
+
+def _lr_factor(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    return 1.0
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten an optimizer state to tensors (safetensors) plus JSON-able scalars."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.contiguous()
+            else:
+                scalars["state"].setdefault(str(idx), {})[k] = v
+    return tensors, scalars
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    for idx, st in scalars["state"].items():
+        state.setdefault(int(idx), {}).update(st)
+    opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def train(
+    params: dict[str, torch.nn.Parameter],
+    loss_fn: Callable[[object], tuple[torch.Tensor, dict[str, float]]],
+    batch_fn: Callable[[int], object],
+    cfg: TrainConfig,
+    out: Path | None = None,
+    modules: Iterable[torch.nn.Module] = (),
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, list[float]]:
+    """Optimise `params` (name -> parameter) to minimise `loss_fn(batch_fn(i))` for `cfg.steps` steps.
+
+    `modules` are put in train mode and handed to accelerate (device placement, DDP, autocast). With `out`
+    set, checkpoints go to `out/checkpoints/step-N` and a rerun resumes from the latest one. Returns the
+    logged history; with `cfg.ema_decay` the EMA weights are copied into `params` at the end.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    set_seed(cfg.seed)
+    names = list(params)
+    plist = [params[n] for n in names]
+    opt = torch.optim.AdamW(plist, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    modules = list(modules)
+    prepared = acc.prepare(*modules, opt)
+    opt = prepared[-1]
+    ema = {n: p.detach().clone() for n, p in zip(names, plist)} if cfg.ema_decay else None
+
+    start, history = 0, {"step": [], "loss": []}
+    ck = latest_checkpoint(out) if out is not None else None
+    if ck is not None:
+        w = load_file(ck / "params.safetensors")
+        with torch.no_grad():
+            for n, p in zip(names, plist):
+                p.copy_(w[n])
+        if ema is not None:
+            e = load_file(ck / "ema.safetensors")
+            ema = {n: e[n] for n in names}
+        meta = json.loads((ck / "state.json").read_text())
+        _load_optimizer(opt.optimizer if hasattr(opt, "optimizer") else opt,
+                        load_file(ck / "optimizer.safetensors"), meta["optimizer"])
+        start, history = meta["step"], meta["history"]
+
+    for m in modules:
+        m.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.desc,
+               disable=not (cfg.progress and acc.is_local_main_process), mininterval=1.0)
+    t0, running = time.time(), []
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _lr_factor(cfg, step)
+        for micro in range(cfg.grad_accum):   # accelerate skips opt.step until the last micro-batch
+            with acc.accumulate(*modules):
+                batch = batch_fn(step * cfg.grad_accum + micro)
+                with acc.autocast():
+                    loss, logs = loss_fn(batch)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"{cfg.desc}: the loss became {loss.item()} at step {step}; "
+                                        f"lower the learning rate (now {cfg.lr:g}) or use mixed_precision='no'")
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm:
+                    acc.clip_grad_norm_(plist, cfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for n, p in zip(names, plist):
+                    ema[n].lerp_(p.detach(), 1 - d)
+        running.append(loss.item())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            mean = sum(running) / len(running)
+            running = []
+            history["step"].append(step + 1)
+            history["loss"].append(mean)
+            for k, v in logs.items():
+                history.setdefault(k, []).append(float(v))
+            bar.set_postfix(loss=f"{mean:.4f}")
+            if on_log:
+                on_log(step + 1, {"loss": mean, **logs, "sec": time.time() - t0})
+        if out is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
+                and step + 1 < cfg.steps and acc.is_main_process:
+            save_checkpoint(out, step + 1, names, plist, ema, opt, history)
+    bar.close()
+    if ema is not None:
+        with torch.no_grad():
+            for n, p in zip(names, plist):
+                p.copy_(ema[n])
+    acc.wait_for_everyone()
+    return history
+
+
+def save_checkpoint(out: Path, step: int, names, plist, ema, opt, history, keep: int = 2) -> Path:
+    """Write out/checkpoints/step-N atomically (a temp folder renamed into place); keep the last `keep`."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-step-{step}"
+    tmp.mkdir(exist_ok=True)
+    save_file({n: p.detach().contiguous() for n, p in zip(names, plist)}, tmp / "params.safetensors")
+    if ema is not None:
+        save_file({n: t.contiguous() for n, t in ema.items()}, tmp / "ema.safetensors")
+    tensors, scalars = _optimizer_tensors(opt.optimizer if hasattr(opt, "optimizer") else opt)
+    save_file(tensors, tmp / "optimizer.safetensors")
+    atomic_write_json(tmp / "state.json", {"step": step, "history": history, "optimizer": scalars})
+    final = root / f"step-{step}"
+    tmp.rename(final)
+    for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    return final
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

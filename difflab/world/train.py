@@ -1,0 +1,290 @@
+"""Training the shipped shapes models from scratch: VAE, oracle, CLIP, and the UNet with its text encoder.
+
+`difflab world train --out DIR` runs every stage in order; `--stage NAME` runs one (two stages can run side by
+side on two cores: vae || oracle, then unet || clip). Each stage writes `DIR/<stage>/` with diffusers'
+`save_pretrained` (safetensors) and checkpoints that a rerun resumes from. Every stage uses the core training
+loop; only the loss and the parameters differ. The data are the fixed training set `training_set()`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from difflab.core.diffusion import diffusion_loss
+from difflab.core.runs import atomic_write_json
+from difflab.core.trainer import TrainConfig, train
+from difflab.world import dataset
+from difflab.world.draw import FACTORS, RESOLUTION, values
+from difflab.world.tokenizer import build_tokenizer
+
+STAGES = ("vae", "oracle", "clip", "unet")
+
+# --- component configurations ------------------------------------------------------------------------------
+VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 32, 64), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=8, sample_size=RESOLUTION)
+# Three levels (8x8, 4x4, 2x2 latents): at 2x2 every cell touches a different corner, so zero padding tells
+# the network where it is and "at the top left" can be placed (a 2-level prototype never learned position).
+UNET_CONFIG = dict(sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
+                   layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                   cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8)
+TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                   max_position_embeddings=32)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+
+DEFAULT_STEPS = {"vae": 2400, "oracle": 2500, "clip": 3000, "unet": 9000}
+
+
+def _images_tensor(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def training_images(cache: Path, n: int = dataset.TRAIN_SIZE, seed: int = dataset.TRAIN_SEED) -> np.ndarray:
+    """The rendered training set, cached as .npy (rendering 60k images takes about a minute)."""
+    path = cache / f"train-{seed}-{n}.npy"
+    if path.exists():
+        return np.load(path, allow_pickle=False)
+    arr = dataset.render_array(dataset.training_set(n, seed))
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path.with_suffix(".tmp.npy"), arr, allow_pickle=False)
+    path.with_suffix(".tmp.npy").rename(path)
+    return arr
+
+
+def _rng(seed: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step])
+
+
+def _log_to(path: Path):
+    def on_log(step, logs):
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"step": step, **{k: round(float(v), 6) for k, v in logs.items()}}) + "\n")
+    return on_log
+
+
+# --- stages ------------------------------------------------------------------------------------------------
+def train_vae(out: Path, steps: int, seed: int = 0, batch: int = 32) -> dict:
+    """AutoencoderKL on the training images: L2 + L1 reconstruction, a tiny KL (SD's recipe minus the GAN)."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    x_all = _images_tensor(training_images(out / "cache"))
+
+    def batch_fn(i):
+        return x_all[torch.from_numpy(_rng(seed, i).integers(0, len(x_all), batch))]
+
+    def loss_fn(x):
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        l2, l1 = F.mse_loss(rec, x), F.l1_loss(rec, x)
+        kl = post.kl().mean() / x[0].numel()
+        return l2 + 0.5 * l1 + 1e-4 * kl, {"l2": l2.item()}
+
+    params = dict(vae.named_parameters())
+    cfg = TrainConfig(steps=steps, lr=1e-3, warmup_steps=200, lr_schedule="cosine", checkpoint_every=500,
+                      seed=seed, desc="vae", ema_decay=None, weight_decay=0.0)
+    d = out / "vae"
+    d.mkdir(parents=True, exist_ok=True)
+    train(params, loss_fn, batch_fn, cfg, out=d, modules=[vae], on_log=_log_to(d / "log.jsonl"))
+    vae.eval()
+    with torch.no_grad():   # SD's scaling_factor makes latents unit-variance for the UNet
+        z = torch.cat([vae.encode(x_all[i:i + 500]).latent_dist.mean for i in range(0, 5000, 500)])
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+        held = _images_tensor(dataset.render_array(dataset.sample(1000, 12345, include_heldout=True)))
+        rec = vae.decode(vae.encode(held).latent_dist.mean).sample.clamp(-1, 1)
+        psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec, held)))
+    vae.save_pretrained(d / "final")
+    return {"vae_psnr_db": psnr, "vae_scaling_factor": vae.config.scaling_factor}
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """What generated images do to the oracle's input: blur, noise and small colour shifts."""
+    b = x.shape[0]
+    k = torch.tensor([1.0, 2.0, 1.0])
+    k = (k[:, None] * k[None, :] / 16).expand(3, 1, 3, 3)
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3)
+    w = torch.rand(b, 1, 1, 1, generator=g) * 0.8
+    x = (1 - w) * x + w * blurred
+    x = x + torch.randn(x.shape, generator=g) * torch.rand(b, 1, 1, 1, generator=g) * 0.1
+    x = x * (1 + 0.1 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5)) + 0.1 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5)
+    return x.clamp(-1, 1)
+
+
+def train_oracle(out: Path, steps: int, seed: int = 1, batch: int = 128, n: int = 60_000) -> dict:
+    """The oracle on fresh procedural images with every value (held-out included) drawn and known."""
+    from difflab.world.oracle import Oracle, judge
+    torch.manual_seed(seed)
+    oracle = Oracle(width=16)
+    items = dataset.sample(n, seed=seed, include_heldout=True)
+    x_all = _images_tensor(dataset.render_array(items))
+    y_all = {f: torch.tensor([values(f).index(it.factors[f]) for it in items]) for f in FACTORS}
+
+    def batch_fn(i):
+        idx = torch.from_numpy(_rng(seed, i).integers(0, n, batch))
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        return _augment(x_all[idx], g), {f: y[idx] for f, y in y_all.items()}
+
+    def loss_fn(b):
+        x, y = b
+        logits = oracle(x)
+        return sum(F.cross_entropy(logits[f], y[f]) for f in FACTORS), {}
+
+    cfg = TrainConfig(steps=steps, lr=2e-3, warmup_steps=100, lr_schedule="cosine", checkpoint_every=500,
+                      seed=seed, desc="oracle", weight_decay=1e-4)
+    d = out / "oracle"
+    d.mkdir(parents=True, exist_ok=True)
+    train(dict(oracle.named_parameters()), loss_fn, batch_fn, cfg, out=d, modules=[oracle],
+          on_log=_log_to(d / "log.jsonl"))
+    test = dataset.sample(5000, seed=777, include_heldout=True)
+    res = judge(oracle.predict(dataset.render_array(test)), [it.factors for it in test])
+    oracle.save_pretrained(d / "final")
+    return {f"oracle_acc_{f}": a for f, a in res["accuracy"].items()}
+
+
+def clip_config(vocab_size: int, bos: int, eos: int):
+    from transformers import CLIPConfig
+    return CLIPConfig(
+        text_config=dict(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, **TEXT_CONFIG),
+        vision_config=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                           image_size=RESOLUTION, patch_size=4),
+        projection_dim=64)
+
+
+def train_clip(out: Path, steps: int, seed: int = 2, batch: int = 256) -> dict:
+    """A tiny CLIP (transformers CLIPModel) trained contrastively on the training set's images and captions.
+
+    Captions repeat ("a shape"), so the InfoNCE targets are soft: every image whose caption is the same text
+    counts as a positive, spread evenly.
+    """
+    from transformers import CLIPModel
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    model = CLIPModel(clip_config(len(tok), tok.bos_token_id, tok.eos_token_id))
+    items = dataset.training_set()
+    x_all = _images_tensor(training_images(out / "cache"))
+    ids = tok([it.caption for it in items], padding="max_length", max_length=tok.model_max_length,
+              return_tensors="pt").input_ids
+    caption_id = torch.tensor(np.unique([it.caption for it in items], return_inverse=True)[1])
+
+    def batch_fn(i):
+        idx = torch.from_numpy(_rng(seed, i).integers(0, len(items), batch))
+        return x_all[idx], ids[idx], caption_id[idx]
+
+    def loss_fn(b):
+        x, t, cid = b
+        out_ = model(input_ids=t, pixel_values=x)
+        same = (cid[:, None] == cid[None, :]).float()
+        tgt = same / same.sum(1, keepdim=True)
+        li = -(tgt * out_.logits_per_image.log_softmax(-1)).sum(-1).mean()
+        lt = -(tgt * out_.logits_per_text.log_softmax(-1)).sum(-1).mean()
+        return (li + lt) / 2, {}
+
+    cfg = TrainConfig(steps=steps, lr=1e-3, warmup_steps=200, lr_schedule="cosine", checkpoint_every=500,
+                      seed=seed, desc="clip", weight_decay=0.05)
+    d = out / "clip"
+    d.mkdir(parents=True, exist_ok=True)
+    train(dict(model.named_parameters()), loss_fn, batch_fn, cfg, out=d, modules=[model],
+          on_log=_log_to(d / "log.jsonl"))
+    model.save_pretrained(d / "final")
+    tok.save_pretrained(d / "final")
+    return {}
+
+
+def build_unet_and_text_encoder(tok):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **TEXT_CONFIG))
+    return unet, te
+
+
+def train_unet(out: Path, steps: int, seed: int = 3, batch: int = 64, caption_dropout: float = 0.1) -> dict:
+    """The UNet and its text encoder, jointly, on cached VAE latents: the epsilon loss with 10% empty captions
+    (for classifier-free guidance), AdamW, EMA 0.999."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    unet, te = build_unet_and_text_encoder(tok)
+    vae = AutoencoderKL.from_pretrained(out / "vae" / "final").eval()
+    sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one",)})
+    items = dataset.training_set()
+    lat_path = out / "cache" / "latents.pt.safetensors"
+    if lat_path.exists():
+        from safetensors.torch import load_file
+        z_all = load_file(lat_path)["z"]
+    else:
+        x_all = _images_tensor(training_images(out / "cache"))
+        with torch.no_grad():
+            z_all = torch.cat([vae.encode(x_all[i:i + 500]).latent_dist.mean for i in range(0, len(x_all), 500)])
+        z_all = z_all * vae.config.scaling_factor
+        from safetensors.torch import save_file
+        save_file({"z": z_all.contiguous()}, lat_path)
+    ids = tok([it.caption for it in items], padding="max_length", max_length=tok.model_max_length,
+              return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+
+    def batch_fn(i):
+        r = _rng(seed, i)
+        idx = torch.from_numpy(r.integers(0, len(items), batch))
+        t_ids = ids[idx].clone()
+        t_ids[torch.from_numpy(r.random(batch) < caption_dropout)] = empty[0]
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        return z_all[idx], t_ids, g
+
+    def loss_fn(b):
+        z, t_ids, g = b
+        return diffusion_loss(unet, sched, z, te(t_ids).last_hidden_state, generator=g), {}
+
+    params = {f"unet.{k}": v for k, v in unet.named_parameters()}
+    params.update({f"text_encoder.{k}": v for k, v in te.named_parameters()})
+    cfg = TrainConfig(steps=steps, lr=7e-4, warmup_steps=200, lr_schedule="cosine", checkpoint_every=500,
+                      seed=seed, desc="unet", ema_decay=0.999, weight_decay=0.0)
+    d = out / "unet"
+    d.mkdir(parents=True, exist_ok=True)
+    train(params, loss_fn, batch_fn, cfg, out=d, modules=[unet, te], on_log=_log_to(d / "log.jsonl"))
+    unet.save_pretrained(d / "final" / "unet")
+    te.save_pretrained(d / "final" / "text_encoder")
+    return {}
+
+
+def assemble(out: Path, dest: Path) -> None:
+    """Put the trained parts together as one diffusers StableDiffusionPipeline folder plus oracle and CLIP."""
+    import shutil
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+    tok = build_tokenizer()
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(out / "vae" / "final"),
+        text_encoder=CLIPTextModel.from_pretrained(out / "unet" / "final" / "text_encoder"),
+        tokenizer=tok, unet=UNet2DConditionModel.from_pretrained(out / "unet" / "final" / "unet"),
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        image_encoder=None, requires_safety_checker=False)
+    dest.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(dest / "pipeline")
+    for part in ("oracle", "clip"):
+        if (dest / part).exists():
+            shutil.rmtree(dest / part)
+        shutil.copytree(out / part / "final", dest / part)
+
+
+def run(out: Path, stages=STAGES, steps: dict | None = None) -> dict:
+    steps = {**DEFAULT_STEPS, **(steps or {})}
+    fns = {"vae": train_vae, "oracle": train_oracle, "clip": train_clip, "unet": train_unet}
+    out.mkdir(parents=True, exist_ok=True)
+    report_path = out / "train_report.json"
+    for s in stages:
+        t0 = time.time()
+        metrics = fns[s](out, steps[s])
+        # re-read: a stage running beside this one in another process may have written its entry meanwhile
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        report[s] = {"steps": steps[s], "seconds": round(time.time() - t0, 1), **metrics}
+        atomic_write_json(report_path, report)
+    return report

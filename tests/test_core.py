@@ -1,0 +1,126 @@
+import json
+
+import pytest
+import torch
+
+from difflab.core import diffusion
+from difflab.core.params import freeze_all_but, select
+from difflab.core.runs import atomic_write_json, output_folder, write_metrics
+from difflab.core.trainer import TrainConfig, TrainingError, latest_checkpoint, train
+
+
+def _sched(kind="epsilon"):
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=kind)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_predict_x0_inverts_the_forward_process(kind):
+    s = _sched(kind)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 200, 500, 900])
+    x_t = diffusion.add_noise(s, x0, eps, t)
+    out = diffusion.target(s, x0, eps, t)   # what a perfect network would say
+    assert torch.allclose(diffusion.predict_x0(s, x_t, out, t), x0, atol=1e-3)
+
+
+class _Perfect(torch.nn.Module):
+    """A 'UNet' that returns a fixed output, to check the loss arithmetic."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x, t, c):
+        return type("O", (), {"sample": self.out})()
+
+
+def test_diffusion_loss_is_zero_for_the_target_and_respects_the_mask():
+    s = _sched()
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([100, 600])
+    assert diffusion.diffusion_loss(_Perfect(eps), s, x0, None, noise=eps, t=t).item() < 1e-12
+    wrong = eps.clone()
+    wrong[:, :, :4] += 1.0   # error only in the top half
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 4:] = 1
+    assert diffusion.diffusion_loss(_Perfect(wrong), s, x0, None, noise=eps, t=t, mask=mask).item() < 1e-12
+    per = diffusion.diffusion_loss(_Perfect(wrong), s, x0, None, noise=eps, t=t, reduction="none")
+    assert per.shape == (2,) and torch.allclose(per, torch.full((2,), 0.5))
+
+
+def test_select_cross_attention_kv(tmp_path):
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                norm_num_groups=4)
+    kv = select(unet, "xattn_kv")
+    assert kv and all("attn2.to_k" in n or "attn2.to_v" in n for n in kv)
+    n = freeze_all_but(unet, kv)
+    assert n == sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="no parameter"):
+        select(unet, r"nothing_here")
+
+
+def _regression(seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(4, 1)
+    w_true = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+
+    def batch_fn(i):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(32, 4, generator=g)
+        return x, x @ w_true.T
+
+    def loss_fn(b):
+        x, y = b
+        return ((lin(x) - y) ** 2).mean(), {}
+    return lin, batch_fn, loss_fn
+
+
+def test_training_loss_falls():
+    lin, batch_fn, loss_fn = _regression()
+    hist = train(dict(lin.named_parameters()), loss_fn, batch_fn,
+                 TrainConfig(steps=200, lr=5e-2, log_every=20, progress=False), modules=[lin])
+    assert hist["loss"][-1] < 0.01 * hist["loss"][0]
+
+
+def test_resume_matches_an_unbroken_run(tmp_path):
+    cfg = dict(lr=5e-2, log_every=5, progress=False, checkpoint_every=10, ema_decay=0.9)
+    lin, batch_fn, loss_fn = _regression()
+    train(dict(lin.named_parameters()), loss_fn, batch_fn, TrainConfig(steps=30, **cfg), modules=[lin])
+    unbroken = lin.weight.detach().clone()
+
+    lin2, batch_fn, loss_fn = _regression()
+    train(dict(lin2.named_parameters()), loss_fn, batch_fn, TrainConfig(steps=20, **cfg), out=tmp_path, modules=[lin2])
+    assert latest_checkpoint(tmp_path).name == "step-10"   # the final step is not a checkpoint
+    lin3, batch_fn, loss_fn = _regression(seed=99)   # different init: everything must come from the checkpoint
+    # pretend the run died after step 10: resume to 30
+    train(dict(lin3.named_parameters()), loss_fn, batch_fn, TrainConfig(steps=30, **cfg), out=tmp_path, modules=[lin3])
+    assert torch.allclose(lin3.weight, unbroken, atol=1e-6)
+
+
+def test_nan_guard_stops_with_a_clear_error():
+    lin, batch_fn, _ = _regression()
+
+    def loss_fn(b):
+        return lin(b[0]).mean() * float("nan"), {}
+    with pytest.raises(TrainingError, match="lower the learning rate"):
+        train(dict(lin.named_parameters()), loss_fn, batch_fn, TrainConfig(steps=5, progress=False), modules=[lin])
+
+
+def test_output_folder_is_atomic(tmp_path):
+    target = tmp_path / "run"
+    with pytest.raises(RuntimeError):
+        with output_folder(target) as tmp:
+            (tmp / "half.txt").write_text("x")
+            raise RuntimeError("boom")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with output_folder(target) as tmp:
+        write_metrics(tmp, {"a": 1.0}, command="difflab test")
+    m = json.loads((target / "metrics.json").read_text())
+    assert m["a"] == 1.0 and m["command"] == "difflab test" and "difflab_version" in m
+    atomic_write_json(target / "x.json", {"b": 2})
+    assert json.loads((target / "x.json").read_text()) == {"b": 2}
