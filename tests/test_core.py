@@ -124,3 +124,18 @@ def test_output_folder_is_atomic(tmp_path):
     assert m["a"] == 1.0 and m["command"] == "difflab test" and "difflab_version" in m
     atomic_write_json(target / "x.json", {"b": 2})
     assert json.loads((target / "x.json").read_text()) == {"b": 2}
+
+
+def test_image_folder_caches_latents_and_text(tiny_pipeline_dir, tmp_path):
+    from difflab.core.data import ImageFolder
+    from difflab.models import load_pipeline
+    from difflab.world import sample_folder
+    sample_folder(tmp_path / "w", n=5, seed=1)
+    pipe = load_pipeline(tiny_pipeline_dir)
+    ds = ImageFolder(tmp_path / "w")
+    z = ds.latents(pipe.vae)
+    assert z.shape == (5, 4, 8, 8)
+    assert len(list((tmp_path / "w" / ".difflab-cache").glob("latents-*.safetensors"))) == 1
+    assert torch.equal(ImageFolder(tmp_path / "w").latents(pipe.vae), z)   # from the cache
+    e = ds.text_embeddings(pipe)
+    assert e.shape[0] == 5 and e.shape[-1] == pipe.text_encoder.config.hidden_size

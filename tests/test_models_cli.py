@@ -101,3 +101,32 @@ def test_real_entry_point_unknown_model_exit_2(tmp_path):
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().startswith("difflab: error: unknown model 'not-a-model-anywhere'")
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_sdxl_folder_loads_as_sdxl_and_generates(tiny_sdxl_dir, tmp_path):
+    pipe = load_pipeline(tiny_sdxl_dir)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    res = CliRunner().invoke(main, ["generate", "--model", str(tiny_sdxl_dir), "--prompt", "a red star",
+                                    "--steps", "2", "--out", str(tmp_path / "xl")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "xl" / "000000.png").exists()
+
+
+def test_lora_adapter_folder_and_scale(tiny_pipeline_dir, tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from difflab.core.params import lora_config
+    pipe = load_pipeline(tiny_pipeline_dir)
+    pipe.unet.add_adapter(lora_config(rank=2, init=False))   # random B: the adapter changes the output
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    r = CliRunner()
+    args = ["generate", "--model", str(tiny_pipeline_dir), "--prompt", "a red star", "--steps", "2"]
+    assert r.invoke(main, args + ["--out", str(tmp_path / "base")]).exit_code == 0
+    assert r.invoke(main, args + ["--out", str(tmp_path / "s0"), "--adapter", f"{tmp_path / 'lora'}:0"]).exit_code == 0
+    res = r.invoke(main, args + ["--out", str(tmp_path / "s1"), "--adapter", str(tmp_path / "lora")])
+    assert res.exit_code == 0, res.output
+    img = lambda d: np.asarray(__import__("PIL.Image").Image.open(tmp_path / d / "000000.png"), dtype=np.int16)
+    assert np.abs(img("s0") - img("base")).max() <= 1
+    assert np.abs(img("s1") - img("base")).max() > 1

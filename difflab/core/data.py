@@ -82,3 +82,53 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids.to(pipe.text_encoder.device)
     return pipe.text_encoder(ids)[0]
+
+
+def _fingerprint(module) -> str:
+    """A short hash of a model's config and a few weights: caches made with another model are not reused."""
+    import hashlib
+    cfg = getattr(module, "config", {})
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for i, p in enumerate(module.parameters()):
+        if i % 7 == 0:
+            h.update(p.detach().float().flatten()[:64].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class ImageFolder:
+    """An image folder (PNG + metadata.jsonl) whose VAE latents and text embeddings are computed once and
+    cached in `folder/.difflab-cache/` as safetensors, keyed by a fingerprint of the encoder."""
+
+    def __init__(self, folder: str | Path, size: int | None = None):
+        self.folder = Path(folder)
+        self.records = read_metadata(self.folder)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def texts(self) -> list[str]:
+        return [text_of(r) for r in self.records]
+
+    def images(self) -> list[Image.Image]:
+        return load_folder_images(self.folder, self.records, self.size)
+
+    def _cached(self, kind: str, model, compute) -> torch.Tensor:
+        from safetensors.torch import load_file, save_file
+        cache = self.folder / ".difflab-cache" / f"{kind}-{_fingerprint(model)}.safetensors"
+        if cache.exists():
+            return load_file(cache)["x"]
+        x = compute().detach().cpu().contiguous()
+        cache.parent.mkdir(exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        save_file({"x": x}, tmp)
+        tmp.replace(cache)
+        return x
+
+    def latents(self, vae) -> torch.Tensor:
+        return self._cached("latents", vae, lambda: encode_latents(vae, to_pixels(self.images())))
+
+    def text_embeddings(self, pipe) -> torch.Tensor:
+        return self._cached("text", pipe.text_encoder, lambda: encode_prompts(pipe, self.texts))

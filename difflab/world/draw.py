@@ -52,7 +52,7 @@ def _polygon(shape: str) -> list[tuple[float, float]] | None:
     if shape == "star":
         pts = []
         for k in range(10):
-            r = 1.0 if k % 2 == 0 else 0.42
+            r = 1.0 if k % 2 == 0 else 0.5
             a = -math.pi / 2 + k * math.pi / 5
             pts.append((r * math.cos(a), r * math.sin(a) + 0.08))
         return pts
@@ -82,9 +82,9 @@ def _mask(shape: str, size: str, position: str) -> np.ndarray:
     if shape == "circle":
         d.ellipse([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=255)
     elif shape == "moon":   # a crescent: a disc minus an offset disc
-        d.ellipse([cx - 0.9 * r, cy - 0.9 * r, cx + 0.9 * r, cy + 0.9 * r], fill=255)
-        ox = cx + 0.45 * r
-        d.ellipse([ox - 0.7 * r, cy - 0.75 * r, ox + 0.7 * r, cy + 0.65 * r], fill=0)
+        d.ellipse([cx - 0.95 * r, cy - 0.95 * r, cx + 0.95 * r, cy + 0.95 * r], fill=255)
+        ox = cx + 0.7 * r
+        d.ellipse([ox - 0.7 * r, cy - 0.7 * r, ox + 0.7 * r, cy + 0.7 * r], fill=0)
     else:
         d.polygon([(cx + r * x, cy + r * y) for x, y in _polygon(shape)], fill=255)
     return np.asarray(img, dtype=np.float32) / 255.0

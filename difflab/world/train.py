@@ -39,7 +39,7 @@ TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, n
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 
-DEFAULT_STEPS = {"vae": 2400, "oracle": 2500, "clip": 3000, "unet": 9000}
+DEFAULT_STEPS = {"vae": 2400, "oracle": 3000, "clip": 1500, "unet": 9000}
 
 
 def _images_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -112,7 +112,7 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3)
     w = torch.rand(b, 1, 1, 1, generator=g) * 0.8
     x = (1 - w) * x + w * blurred
-    x = x + torch.randn(x.shape, generator=g) * torch.rand(b, 1, 1, 1, generator=g) * 0.1
+    x = x + torch.randn(x.shape, generator=g) * torch.rand(b, 1, 1, 1, generator=g) * 0.05
     x = x * (1 + 0.1 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5)) + 0.1 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5)
     return x.clamp(-1, 1)
 
