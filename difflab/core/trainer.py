@@ -92,22 +92,32 @@ def train(
 ) -> dict[str, list[float]]:
     """Optimise `params` (name -> parameter) to minimise `loss_fn(batch_fn(i))` for `cfg.steps` steps.
 
-    `modules` are put in train mode and handed to accelerate (device placement, DDP, autocast). With `out`
-    set, checkpoints go to `out/checkpoints/step-N` and a rerun resumes from the latest one. Returns the
-    logged history; with `cfg.ema_decay` the EMA weights are copied into `params` at the end.
+    `modules` are put in train mode and on accelerate's device; tensors in a batch are moved there too.
+    Under `accelerate launch` every process draws its own batches (index i * num_processes + rank) and the
+    gradients of `params` are averaged across processes before clipping, so the closures in `loss_fn` can use
+    the plain modules (no DDP wrapper to thread through). With `out` set, checkpoints go to
+    `out/checkpoints/step-N` and a rerun resumes from the latest one. Returns the logged history; with
+    `cfg.ema_decay` the EMA weights are copied into `params` at the end.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import send_to_device, set_seed
     from tqdm.auto import tqdm
 
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    from accelerate.state import AcceleratorState, GradientState
+    # One process may run several trainings with different settings (a method's stages, the tests): start each
+    # from fresh accelerate state, keeping the distributed set-up (PartialState) that `accelerate launch` made.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    # cpu=True where there is no accelerator: torchrun/accelerate launch then runs multi-process on CPUs (gloo)
+    no_accel = not torch.cuda.is_available() and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=no_accel)
     set_seed(cfg.seed)
     names = list(params)
     plist = [params[n] for n in names]
     opt = torch.optim.AdamW(plist, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    modules = list(modules)
-    prepared = acc.prepare(*modules, opt)
-    opt = prepared[-1]
+    modules = [m.to(acc.device) for m in modules]
+    opt = acc.prepare(opt)   # the wrapper applies the fp16 grad scaler and skips steps while accumulating
+    world, rank = acc.num_processes, acc.process_index
     ema = {n: p.detach().clone() for n, p in zip(names, plist)} if cfg.ema_decay else None
 
     start, history = 0, {"step": [], "loss": []}
@@ -135,13 +145,17 @@ def train(
             g["lr"] = cfg.lr * _lr_factor(cfg, step)
         for micro in range(cfg.grad_accum):   # accelerate skips opt.step until the last micro-batch
             with acc.accumulate(*modules):
-                batch = batch_fn(step * cfg.grad_accum + micro)
+                batch = send_to_device(batch_fn((step * cfg.grad_accum + micro) * world + rank), acc.device)
                 with acc.autocast():
                     loss, logs = loss_fn(batch)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"{cfg.desc}: the loss became {loss.item()} at step {step}; "
                                         f"lower the learning rate (now {cfg.lr:g}) or use mixed_precision='no'")
                 acc.backward(loss)
+                if acc.sync_gradients and world > 1:
+                    for p in plist:
+                        if p.grad is not None:
+                            p.grad = acc.reduce(p.grad, reduction="mean")
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(plist, cfg.max_grad_norm)
                 opt.step()
