@@ -94,10 +94,11 @@ def test_resume_matches_an_unbroken_run(tmp_path):
     unbroken = lin.weight.detach().clone()
 
     lin2, batch_fn, loss_fn = _regression()
-    train(dict(lin2.named_parameters()), loss_fn, batch_fn, TrainConfig(steps=20, **cfg), out=tmp_path, modules=[lin2])
-    assert latest_checkpoint(tmp_path).name == "step-10"   # the final step is not a checkpoint
+    train(dict(lin2.named_parameters()), loss_fn, batch_fn, TrainConfig(steps=25, **cfg), out=tmp_path, modules=[lin2])
+    assert latest_checkpoint(tmp_path).name == "step-25"   # the end is checkpointed too
+    import shutil
+    shutil.rmtree(tmp_path / "checkpoints" / "step-25")   # pretend the run died after step 20
     lin3, batch_fn, loss_fn = _regression(seed=99)   # different init: everything must come from the checkpoint
-    # pretend the run died after step 10: resume to 30
     train(dict(lin3.named_parameters()), loss_fn, batch_fn, TrainConfig(steps=30, **cfg), out=tmp_path, modules=[lin3])
     assert torch.allclose(lin3.weight, unbroken, atol=1e-6)
 

@@ -176,8 +176,9 @@ def train(
             bar.set_postfix(loss=f"{mean:.4f}")
             if on_log:
                 on_log(step + 1, {"loss": mean, **logs, "sec": time.time() - t0})
-        if out is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
-                and step + 1 < cfg.steps and acc.is_main_process:
+        # checkpoint on schedule and at the end (so a finished run can be extended with more steps)
+        if out is not None and cfg.checkpoint_every and acc.is_main_process \
+                and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(out, step + 1, names, plist, ema, opt, history)
     bar.close()
     if ema is not None:
