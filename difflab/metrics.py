@@ -16,7 +16,6 @@ def _np64(x) -> np.ndarray:
 def frechet_distance(feats_a, feats_b) -> float:
     """FD = ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}) between Gaussians fitted to two feature sets
     (Heusel et al. 2017, eq. 6). The matrix square root is scipy's; its tiny imaginary part is dropped."""
-    from scipy import linalg
     a, b = _np64(feats_a), _np64(feats_b)
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
@@ -28,7 +27,7 @@ def gaussian_frechet(mu_a, s_a, mu_b, s_b) -> float:
     from scipy import linalg
     mu_a, mu_b = np.atleast_1d(mu_a), np.atleast_1d(mu_b)
     s_a, s_b = np.atleast_2d(s_a), np.atleast_2d(s_b)
-    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+    covmean = linalg.sqrtm(s_a @ s_b)
     if not np.isfinite(covmean).all():   # near-singular product: regularise as pytorch-fid does
         eps = 1e-6 * np.eye(s_a.shape[0])
         covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
