@@ -1,0 +1,336 @@
+"""DreamSim (Fu, Tamir, Sundaram et al., NeurIPS 2023): a perceptual distance tuned to human 2AFC judgements.
+
+d(a, b) = 1 - cos(f(a), f(b)), where f concatenates the CLS features of one or more vision backbones (CLIP: after
+`ln_post` and the projection; DINO/ViT: the last block's CLS before the final LayerNorm), optionally through a
+residual MLP head, then centres each vector and L2-normalises it (the pip package's `normalize_embeds`).
+Fine-tuning minimises the hinge loss  L = max(0, m - (d0 - d1) y),  y = 2 round(p1) - 1,  m = 0.05, over
+triplets (ref, img0, img1) whose p1 is the share of judges who found img1 closer; LoRA on the backbones'
+attention projections (peft) or the MLP head alone.
+
+    model, preprocess = difflab.similarity.dreamsim()          # the shapes CLIP backbone, offline
+    d = model(preprocess(img_a), preprocess(img_b))             # distances, shape (B,)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from difflab.errors import DifflabError
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SHAPES_CLIP = "shapes-clip"
+WEIGHTS_FILE = "dreamsim.safetensors"
+# attention projections LoRA targets, per transformers family (HF splits DreamSim's fused qkv into three)
+LORA_TARGETS = {"clip": ["q_proj", "k_proj", "v_proj"], "vit": ["query", "key", "value"]}
+
+
+class Backbone(nn.Module):
+    """One vision tower: [0, 1] images -> resize (bicubic) -> normalise -> CLS feature."""
+
+    def __init__(self, model: nn.Module, kind: str, image_size: int, mean, std, source: str):
+        super().__init__()
+        self.model, self.kind, self.image_size, self.source = model, kind, image_size, source
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def dim(self) -> int:
+        cfg = self.model.config
+        return cfg.projection_dim if self.kind == "clip" else cfg.hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+        x = (x - self.mean) / self.std
+        if self.kind == "clip":
+            return self.model(pixel_values=x).image_embeds
+        out = self.model(pixel_values=x, output_hidden_states=True)
+        return out.hidden_states[-1][:, 0]
+
+
+def load_backbone(name_or_path: str) -> Backbone:
+    """"shapes-clip" (shipped), or a transformers CLIP / DINO / DINOv2 / ViT folder or hub id."""
+    from transformers import AutoConfig, AutoModel, CLIPVisionModelWithProjection
+    if name_or_path == SHAPES_CLIP:
+        from difflab.models import shapes_dir
+        path = str(shapes_dir("clip"))
+        m = CLIPVisionModelWithProjection.from_pretrained(path)
+        return Backbone(m, "clip", m.config.image_size, (0.5,) * 3, (0.5,) * 3, SHAPES_CLIP)
+    try:
+        cfg = AutoConfig.from_pretrained(name_or_path)
+        if cfg.model_type in ("clip", "clip_vision_model"):
+            m = CLIPVisionModelWithProjection.from_pretrained(name_or_path)
+            kind, mean, std = "clip", CLIP_MEAN, CLIP_STD
+        else:
+            m = AutoModel.from_pretrained(name_or_path)
+            kind, mean, std = "vit", IMAGENET_MEAN, IMAGENET_STD
+    except Exception as e:
+        raise DifflabError(f"could not load backbone {name_or_path!r}: {str(e).splitlines()[0][:200]}") from e
+    size = getattr(m.config, "image_size", 224)
+    return Backbone(m, kind, size if isinstance(size, int) else size[0], mean, std, str(name_or_path))
+
+
+class DreamSim(nn.Module):
+    """The ensemble embedding and its distance. `embed(x)`, `forward(a, b)`; x in [0, 1], (B, 3, H, W)."""
+
+    def __init__(self, backbones: list[Backbone], normalize_embeds: bool = True, mlp_hidden: int | None = None):
+        super().__init__()
+        self.backbones = nn.ModuleList(backbones)
+        self.normalize_embeds = normalize_embeds
+        dim = sum(b.dim for b in backbones)
+        self.mlp = None
+        if mlp_hidden:   # residual MLP head fc2(relu(fc1(x))) + x, fc2 zero-initialised so it starts as identity
+            self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, dim))
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
+        self.lora: dict | None = None
+
+    @property
+    def image_size(self) -> int:
+        return self.backbones[0].image_size
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        e = torch.cat([b(x) for b in self.backbones], dim=-1)
+        if self.mlp is not None:
+            e = self.mlp(e) + e
+        if self.normalize_embeds:   # centre, then unit norm (dreamsim >= b526fd1): distance = 1 - Pearson r
+            e = e - e.mean(dim=-1, keepdim=True)
+            e = F.normalize(e, dim=-1)
+        return e
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return 1 - F.cosine_similarity(self.embed(a), self.embed(b), dim=-1)
+
+    # --- LoRA, save / load -------------------------------------------------------------------------------
+    def add_lora(self, r: int = 16, alpha: float = 8, dropout: float = 0.3) -> None:
+        """LoRA (peft) on every backbone's attention q/k/v projections: the reference's ensemble defaults."""
+        from peft import LoraConfig, inject_adapter_in_model
+        for b in self.backbones:
+            cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                             target_modules=LORA_TARGETS[b.kind])
+            inject_adapter_in_model(cfg, b.model)
+        self.lora = {"r": r, "alpha": alpha, "dropout": dropout}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous() for n, p in self.named_parameters()
+                if "lora_" in n or n.startswith("mlp.")}
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = {"backbones": [b.source for b in self.backbones], "normalize_embeds": self.normalize_embeds,
+               "mlp_hidden": self.mlp[0].out_features if self.mlp is not None else None, "lora": self.lora,
+               "embedding_dim": sum(b.dim for b in self.backbones)}
+        (folder / "dreamsim_config.json").write_text(json.dumps(cfg, indent=2))
+        save_file(self.trainable_state(), folder / WEIGHTS_FILE)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "DreamSim":
+        from safetensors.torch import load_file
+        folder = Path(folder)
+        try:
+            cfg = json.loads((folder / "dreamsim_config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise DifflabError(f"{folder} is not a DreamSim model folder (no readable dreamsim_config.json)") from e
+        model = cls([load_backbone(s) for s in cfg["backbones"]], cfg["normalize_embeds"], cfg["mlp_hidden"])
+        if sum(b.dim for b in model.backbones) != cfg["embedding_dim"]:
+            raise DifflabError(f"{folder} was trained on backbones of another size than {cfg['backbones']}")
+        if cfg["lora"]:
+            model.add_lora(cfg["lora"]["r"], cfg["lora"]["alpha"], cfg["lora"]["dropout"])
+        state = load_file(folder / WEIGHTS_FILE)
+        own = model.trainable_state()
+        bad = [k for k in state if k not in own or own[k].shape != state[k].shape]
+        if bad or set(own) - set(state):
+            raise DifflabError(f"{folder} does not fit its backbones ({(bad or sorted(set(own) - set(state)))[0]})")
+        model.load_state_dict(state, strict=False)
+        return model.eval()
+
+
+def make_preprocess(image_size: int):
+    """PIL image -> (1, 3, S, S) in [0, 1]: RGB, bicubic resize to the backbone's size (as dreamsim's)."""
+    def preprocess(img: Image.Image) -> torch.Tensor:
+        img = img.convert("RGB")
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.BICUBIC)
+        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return preprocess
+
+
+def dreamsim(pretrained: bool = True, backbones=(SHAPES_CLIP,), device="cpu", normalize_embeds: bool = True,
+             model_dir: str | Path | None = None):
+    """(model, preprocess), like the `dreamsim` package. `model_dir` loads a tuned model saved by difflab;
+    `pretrained` with the default backbone loads the tuned shapes DreamSim shipped with difflab (if present);
+    otherwise the untuned ensemble of `backbones`."""
+    if model_dir is not None:
+        model = DreamSim.from_pretrained(model_dir)
+    else:
+        from difflab.models import WEIGHTS
+        shipped = WEIGHTS / "dreamsim"
+        if pretrained and tuple(backbones) == (SHAPES_CLIP,) and (shipped / WEIGHTS_FILE).exists():
+            model = DreamSim.from_pretrained(shipped)
+        else:
+            model = DreamSim([load_backbone(b) for b in backbones], normalize_embeds)
+    model = model.to(device).eval().requires_grad_(False)
+    return model, make_preprocess(model.image_size)
+
+
+# --- 2AFC triplets: NIGHTS layout, and a shapes-world set with a ground-truth rule --------------------------
+CSV_COLUMNS = ["id", "left_vote", "right_vote", "votes", "ref_path", "left_path", "right_path", "prompt", "split",
+               "is_imagenet"]
+# The ground-truth rule of the shapes 2AFC set: d(ref, x) = sum of the weights of the factors x changes. Shape
+# weighs most and background least, so pixel distance (dominated by the background's area) often disagrees.
+FACTOR_WEIGHTS = {"shape": 4.0, "color": 2.5, "texture": 1.5, "size": 1.2, "position": 0.8, "background": 0.3}
+
+
+def read_2afc(folder: str | Path, split: str | None = None, min_votes: int = 6) -> list[dict]:
+    """Triplets of a NIGHTS-layout folder (data.csv + ref/ + distort/): ref, img0 (left), img1 (right) paths
+    and p1 = right_vote / votes, keeping rows with at least `min_votes` votes (NIGHTS' filter)."""
+    import csv
+    folder = Path(folder)
+    path = folder / "data.csv"
+    if not path.is_file():
+        raise DifflabError(f"{folder} has no data.csv (NIGHTS layout: data.csv, ref/, distort/)")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"right_vote", "votes", "ref_path", "left_path", "right_path"} <= set(rows[0]):
+        raise DifflabError(f"{path} has no votes (needs columns right_vote, votes, ref_path, left_path, right_path)")
+    out = []
+    for r in rows:
+        if split and r.get("split") != split:
+            continue
+        votes = float(r["votes"])
+        if votes < min_votes:
+            continue
+        out.append({"ref": folder / r["ref_path"], "img0": folder / r["left_path"], "img1": folder / r["right_path"],
+                    "p1": float(r["right_vote"]) / votes, "split": r.get("split", "")})
+    if not out:
+        raise DifflabError(f"{path} has no triplets" + (f" in split {split!r}" if split else ""))
+    return out
+
+
+def make_2afc(out: str | Path, n: int, seed: int = 0, splits=(("train", 0.7), ("val", 0.1), ("test", 0.2))) -> Path:
+    """Write n shapes-world triplets in the NIGHTS layout. img0 and img1 each change 1-3 factors of ref; the
+    vote is 6:0 for the one closer under FACTOR_WEIGHTS; ties are redrawn."""
+    import csv
+
+    from difflab.core.runs import output_folder
+    from difflab.world.dataset import sample_item
+    from difflab.world.draw import FACTORS, render, values
+    rng = np.random.default_rng(seed)
+
+    def vary(f: dict) -> dict:
+        g = dict(f)
+        for fac in rng.choice(list(FACTORS), size=rng.integers(1, 4), replace=False):
+            g[fac] = rng.choice([v for v in values(fac) if v != f[fac]])
+        return g
+
+    def dist(f, g):
+        return sum(w for fac, w in FACTOR_WEIGHTS.items() if f[fac] != g[fac])
+
+    cuts = np.cumsum([0] + [int(round(frac * n)) for _, frac in splits])
+    with output_folder(Path(out)) as tmp:
+        (tmp / "ref" / "000").mkdir(parents=True)
+        (tmp / "distort" / "000").mkdir(parents=True)
+        rows = []
+        for i in range(n):
+            ref = sample_item(rng, include_heldout=True).factors
+            while True:
+                a, b = vary(ref), vary(ref)
+                if dist(ref, a) != dist(ref, b):
+                    break
+            right_closer = dist(ref, b) < dist(ref, a)
+            name = f"{i:06d}"
+            render(ref).save(tmp / "ref" / "000" / f"{name}.png")
+            render(a).save(tmp / "distort" / "000" / f"{name}_0.png")
+            render(b).save(tmp / "distort" / "000" / f"{name}_1.png")
+            split = next((s for (s, _), lo, hi in zip(splits, cuts[:-1], cuts[1:]) if lo <= i < hi), splits[-1][0])
+            rows.append([i, 0 if right_closer else 6, 6 if right_closer else 0, 6, f"ref/000/{name}.png",
+                         f"distort/000/{name}_0.png", f"distort/000/{name}_1.png", "", split, False])
+        with open(tmp / "data.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(CSV_COLUMNS)
+            w.writerows(rows)
+        (tmp / "README.md").write_text(
+            f"Shapes-world 2AFC triplets (difflab similarity make-2afc --n {n} --seed {seed}).\n"
+            "Ground truth: d(ref, x) = sum of the weights of the factors x changes: "
+            + ", ".join(f"{k} {v}" for k, v in FACTOR_WEIGHTS.items()) + ".\nThe closer image gets all 6 votes.\n")
+    return Path(out)
+
+
+def _load_triplet_tensors(triplets: list[dict], image_size: int) -> tuple[torch.Tensor, ...]:
+    from difflab.core.data import load_image
+    pre = make_preprocess(image_size)
+
+    def stack(key):
+        return torch.cat([pre(load_image(t[key])) for t in triplets])
+    return stack("ref"), stack("img0"), stack("img1"), torch.tensor([t["p1"] for t in triplets])
+
+
+@torch.no_grad()
+def evaluate_2afc(distance, triplets: list[dict], image_size: int, batch_size: int = 256) -> dict:
+    """2AFC score of a distance function (a, b) -> (B,) on [0, 1] images."""
+    from difflab.metrics import two_afc
+    ref, x0, x1, p1 = _load_triplet_tensors(triplets, image_size)
+    d0, d1 = [], []
+    for i in range(0, len(ref), batch_size):
+        d0.append(distance(ref[i:i + batch_size], x0[i:i + batch_size]))
+        d1.append(distance(ref[i:i + batch_size], x1[i:i + batch_size]))
+    return {"2afc": two_afc(torch.cat(d0), torch.cat(d1), p1), "n": len(triplets)}
+
+
+def pixel_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The baseline: mean squared pixel difference."""
+    return ((a - b) ** 2).flatten(1).mean(1)
+
+
+def hinge_loss(d0: torch.Tensor, d1: torch.Tensor, p1: torch.Tensor, margin: float = 0.05) -> torch.Tensor:
+    """DreamSim's loss: mean max(0, m - (d0 - d1) y), y = 2 round(p1) - 1 (+1 when img1 is closer)."""
+    y = 2 * torch.round(p1) - 1
+    return torch.clamp(margin - (d0 - d1) * y, min=0).mean()
+
+
+def train_dreamsim(model: DreamSim, triplets: list[dict], mode: str = "lora", steps: int = 1000,
+                   batch_size: int = 16, lr: float = 3e-4, margin: float = 0.05, seed: int = 0,
+                   lora: dict | None = None, out: Path | None = None, progress: bool = True) -> dict:
+    """Fine-tune on 2AFC triplets with the hinge loss: LoRA on the backbones (mode "lora", r 16 / alpha 8 /
+    dropout 0.3 by default) or the residual MLP head alone (mode "mlp"). Adam betas (0.5, 0.999) as DreamSim."""
+    from difflab.core.trainer import TrainConfig, train
+    model.requires_grad_(False)
+    if mode == "lora":
+        model.add_lora(**(lora or {}))
+        params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    elif mode == "mlp":
+        if model.mlp is None:
+            raise DifflabError("mode 'mlp' needs a model built with mlp_hidden")
+        params = dict(model.mlp.named_parameters())
+    else:
+        raise DifflabError(f"unknown training mode {mode!r}: use lora or mlp")
+    for p in params.values():
+        p.requires_grad_(True)
+    ref, x0, x1, p1 = _load_triplet_tensors(triplets, model.image_size)
+
+    def batch_fn(i):
+        idx = torch.from_numpy(np.random.default_rng([seed, i]).integers(0, len(ref), batch_size))
+        return ref[idx], x0[idx], x1[idx], p1[idx]
+
+    def loss_fn(b):
+        r, a0, a1, p = b
+        e = model.embed(torch.cat([r, a0, a1]))
+        er, e0, e1 = e.chunk(3)
+        d0 = 1 - F.cosine_similarity(er, e0, dim=-1)
+        d1 = 1 - F.cosine_similarity(er, e1, dim=-1)
+        return hinge_loss(d0, d1, p, margin), {}
+
+    cfg = TrainConfig(steps=steps, lr=lr, betas=(0.5, 0.999), weight_decay=0.0, log_every=max(1, steps // 20),
+                      checkpoint_every=0, seed=seed, desc=f"dreamsim-{mode}", progress=progress, max_grad_norm=None)
+    hist = train(params, loss_fn, batch_fn, cfg, out=out, modules=[model])
+    model.eval().requires_grad_(False)
+    return hist

@@ -1,0 +1,91 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from difflab.errors import DifflabError
+from difflab.similarity import (Backbone, DreamSim, evaluate_2afc, hinge_loss, make_2afc, make_preprocess,
+                                pixel_l2, read_2afc, train_dreamsim)
+
+
+def tiny_clip_backbone(seed=0):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    torch.manual_seed(seed)
+    m = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                       num_attention_heads=2, image_size=32, patch_size=8,
+                                                       projection_dim=16))
+    return Backbone(m, "clip", 32, (0.5,) * 3, (0.5,) * 3, "tiny")
+
+
+def test_distance_is_one_minus_cosine_of_centred_embeddings():
+    model = DreamSim([tiny_clip_backbone(), tiny_clip_backbone(1)]).eval()
+    a, b = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)
+    ea, eb = model.embed(a), model.embed(b)
+    assert ea.shape == (3, 32)
+    assert torch.allclose(ea.norm(dim=-1), torch.ones(3), atol=1e-5) and ea.mean(-1).abs().max() < 1e-6
+    assert torch.allclose(model(a, b), 1 - (ea * eb).sum(-1), atol=1e-5)
+    assert model(a, a).abs().max() < 1e-5
+
+
+def test_hinge_loss_by_hand():
+    d0, d1 = torch.tensor([0.5, 0.1]), torch.tensor([0.1, 0.12])
+    p1 = torch.tensor([1.0, 1.0])   # img1 closer in both
+    # first: logit 0.4 -> max(0, 0.05 - 0.4) = 0; second: logit -0.02 -> 0.07
+    assert hinge_loss(d0, d1, p1).item() == pytest.approx(0.035)
+
+
+def test_shapes_2afc_set_is_written_in_nights_layout_and_read_back(tmp_path):
+    make_2afc(tmp_path / "t", n=30, seed=3)
+    assert (tmp_path / "t" / "data.csv").exists()
+    train, test = read_2afc(tmp_path / "t", "train"), read_2afc(tmp_path / "t", "test")
+    assert len(train) == 21 and len(test) == 6
+    assert all(t["p1"] in (0.0, 1.0) and t["ref"].exists() and t["img1"].exists() for t in train)
+    with pytest.raises(DifflabError, match="no data.csv"):
+        read_2afc(tmp_path)
+
+
+def test_lora_training_raises_2afc_and_round_trips(tmp_path, monkeypatch):
+    import difflab.similarity as sim
+    make_2afc(tmp_path / "t", n=200, seed=0)
+    trip = read_2afc(tmp_path / "t")
+    model = DreamSim([tiny_clip_backbone()])
+    before = evaluate_2afc(model, trip, 32)["2afc"]
+    hist = train_dreamsim(model, trip, mode="lora", steps=150, batch_size=32, lr=3e-3, progress=False,
+                          lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    after = evaluate_2afc(model, trip, 32)["2afc"]
+    assert hist["loss"][-1] < hist["loss"][0] and after > before + 0.05
+    model.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(sim, "load_backbone", lambda s: tiny_clip_backbone())
+    again = DreamSim.from_pretrained(tmp_path / "m")
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(again(x, x.flip(0)), model(x, x.flip(0)), atol=1e-6)
+
+
+def test_loading_onto_another_backbone_fails_clearly(tmp_path, monkeypatch):
+    import difflab.similarity as sim
+    model = DreamSim([tiny_clip_backbone()])
+    model.add_lora(r=2)
+    model.save_pretrained(tmp_path / "m")
+
+    def other(_):
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+        m = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=2, image_size=32, patch_size=8,
+                                                           projection_dim=16))
+        return Backbone(m, "clip", 32, (0.5,) * 3, (0.5,) * 3, "other")
+    monkeypatch.setattr(sim, "load_backbone", other)
+    with pytest.raises(DifflabError, match="does not fit"):
+        DreamSim.from_pretrained(tmp_path / "m")
+
+
+def test_preprocess_resizes_any_mode():
+    pre = make_preprocess(32)
+    x = pre(Image.new("L", (50, 40), 128))
+    assert x.shape == (1, 3, 32, 32) and 0.49 < x.mean() < 0.52
+
+
+def test_pixel_l2_baseline_disagrees_with_the_rule(tmp_path):
+    make_2afc(tmp_path / "t", n=150, seed=1)
+    score = evaluate_2afc(pixel_l2, read_2afc(tmp_path / "t"), 32)["2afc"]
+    assert score < 0.85   # the rule weighs shape over background: pixels alone cannot follow it
