@@ -128,6 +128,83 @@ def generate(model, prompts, prompts_file, n, seed, steps, guidance, adapters, d
     click.echo(f"wrote {len(prompts) * n} images to {out}")
 
 
+# --- score / similarity ------------------------------------------------------------------------------------
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--metric", type=click.Choice(["clip", "fd", "kid", "diversity"]), required=True)
+@click.option("--ref", type=click.Path(path_type=Path), help="Reference folder (fd, kid).")
+@click.option("--backbone", default="shapes-clip", show_default=True,
+              help="Feature extractor: shapes-clip, or a transformers CLIP/DINO folder or hub id.")
+def score(folder, metric, ref, backbone):
+    """Score an image folder: CLIP score against its prompts, Frechet distance or KID against --ref on any
+    features, or diversity (mean pairwise cosine distance). Prints and writes FOLDER/score-METRIC.json."""
+    from difflab.metrics import score_folder
+    click.echo(json.dumps(score_folder(folder, metric, ref, backbone), indent=2))
+
+
+@main.group(cls=_Group)
+def similarity():
+    """DreamSim: a perceptual distance tuned on 2AFC triplets (NIGHTS layout or the shapes world's)."""
+
+
+@similarity.command("make-2afc")
+@click.option("--n", "n", type=click.IntRange(1), required=True, help="Number of triplets.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def similarity_make_2afc(n, seed, out):
+    """Write shapes-world triplets (ref, img0, img1) with ground-truth votes in the NIGHTS layout."""
+    from difflab.similarity import make_2afc
+    make_2afc(out, n, seed)
+    click.echo(f"wrote {n} triplets to {out}")
+
+
+@similarity.command("score")
+@click.argument("img1", type=click.Path(path_type=Path))
+@click.argument("img2", type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="A tuned DreamSim folder.")
+def similarity_score(img1, img2, model_dir):
+    """Print the DreamSim distance between two images (0 = same; higher = more different)."""
+    from difflab.core.data import load_image
+    from difflab.similarity import dreamsim
+    model, pre = dreamsim(model_dir=model_dir)
+    d = model(pre(load_image(img1)), pre(load_image(img2))).item()
+    click.echo(json.dumps({"distance": d}))
+
+
+@similarity.command("train")
+@click.option("--triplets", type=click.Path(path_type=Path), required=True, help="NIGHTS-layout folder.")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--backbone", "backbones", multiple=True, default=["shapes-clip"], show_default=True,
+              help="Backbones of the ensemble (repeatable).")
+@click.option("--mode", type=click.Choice(["lora", "mlp"]), default="lora", show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=1500, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--lr", type=float, default=3e-4, show_default=True)
+@click.option("--lora-r", type=int, default=16, show_default=True)
+@click.option("--lora-alpha", type=float, default=8, show_default=True)
+@click.option("--lora-dropout", type=float, default=0.3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def similarity_train(triplets, out, backbones, mode, steps, batch_size, lr, lora_r, lora_alpha, lora_dropout, seed):
+    """Fine-tune DreamSim on the train split (hinge loss, margin 0.05) and report 2AFC on val and test."""
+    from difflab.similarity import train_and_save
+    res = train_and_save(triplets, out, list(backbones), mode, steps, batch_size, lr,
+                         {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout}, seed)
+    click.echo(json.dumps(res, indent=2))
+
+
+@similarity.command("eval")
+@click.option("--triplets", type=click.Path(path_type=Path), required=True)
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="A tuned DreamSim folder.")
+@click.option("--baseline", type=click.Choice(["dreamsim", "untuned", "pixel-l2"]), default="dreamsim",
+              show_default=True)
+@click.option("--split", default="test", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for metrics.json (default: beside --model).")
+def similarity_eval(triplets, model_dir, baseline, split, out):
+    """2AFC score of a model on a split; prints {"2afc", "n"} and writes metrics.json."""
+    from difflab.similarity import eval_and_save
+    click.echo(json.dumps(eval_and_save(triplets, model_dir, baseline, split, out), indent=2))
+
+
 # --- tour ----------------------------------------------------------------------------------------------------
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("difflab-tour"), show_default=True)

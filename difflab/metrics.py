@@ -109,3 +109,86 @@ def diversity(feats: torch.Tensor, distance=cosine_distance) -> float:
         raise ValueError("diversity needs at least two items")
     i, j = torch.triu_indices(n, n, offset=1)
     return float(distance(feats[i], feats[j]).mean())
+
+
+# --- feature extractors and folder scoring ------------------------------------------------------------------
+def _features(out) -> torch.Tensor:
+    """transformers 5 returns an output object from get_*_features (the projection in pooler_output), 4 a tensor."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def load_clip(name_or_path: str = "shapes-clip"):
+    """(CLIPModel, tokenizer, image_size, mean, std): the shipped shapes CLIP or a transformers CLIP."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from difflab.errors import DifflabError
+    from difflab.similarity import CLIP_MEAN, CLIP_STD
+    if name_or_path == "shapes-clip":
+        from difflab.models import shapes_dir
+        path, mean, std = str(shapes_dir("clip")), (0.5,) * 3, (0.5,) * 3
+    else:
+        path, mean, std = name_or_path, CLIP_MEAN, CLIP_STD
+    try:
+        model, tok = CLIPModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise DifflabError(f"could not load CLIP {name_or_path!r}: {str(e).splitlines()[0][:200]}") from e
+    return model, tok, model.config.vision_config.image_size, mean, std
+
+
+@torch.no_grad()
+def clip_embeddings(images, texts, clip: str = "shapes-clip", batch_size: int = 256):
+    """CLIP image and text embeddings (projected) of PIL images and their texts."""
+    from difflab.similarity import make_preprocess
+    model, tok, size, mean, std = load_clip(clip)
+    pre = make_preprocess(size)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    img, txt = [], []
+    for i in range(0, len(images), batch_size):
+        x = (torch.cat([pre(im) for im in images[i:i + batch_size]]) - m) / s
+        img.append(_features(model.get_image_features(pixel_values=x)))
+        ids = tok(list(texts[i:i + batch_size]), padding=True, truncation=True, return_tensors="pt")
+        txt.append(_features(model.get_text_features(**ids)))
+    return torch.cat(img), torch.cat(txt)
+
+
+@torch.no_grad()
+def image_features(images, backbone: str = "shapes-clip", batch_size: int = 256) -> torch.Tensor:
+    """CLS features of any DreamSim backbone (shapes CLIP, CLIP, DINO), for FD / KID / diversity."""
+    from difflab.similarity import load_backbone, make_preprocess
+    b = load_backbone(backbone).eval()
+    pre = make_preprocess(b.image_size)
+    return torch.cat([b(torch.cat([pre(im) for im in images[i:i + batch_size]]))
+                      for i in range(0, len(images), batch_size)])
+
+
+def score_folder(folder, metric: str, ref=None, backbone: str = "shapes-clip") -> dict:
+    """One metric of an image folder: clip (against its prompts), fd / kid (against --ref), diversity.
+    Writes FOLDER/score-<metric>.json and returns it."""
+    from pathlib import Path
+
+    from difflab.core.data import load_folder_images, read_metadata, text_of
+    from difflab.core.runs import atomic_write_json
+    from difflab.errors import DifflabError
+    folder = Path(folder)
+    recs = read_metadata(folder)
+    images = load_folder_images(folder, recs)
+    if metric == "clip":
+        ie, te = clip_embeddings(images, [text_of(r) for r in recs], backbone)
+        res = {"clip_score": clip_score(ie, te)}
+    elif metric in ("fd", "kid"):
+        if ref is None:
+            raise DifflabError(f"--metric {metric} compares two folders: pass --ref DIR")
+        a = image_features(images, backbone)
+        b = image_features(load_folder_images(ref), backbone)
+        if metric == "fd":
+            res = {"fd": frechet_distance(a, b)}
+        else:
+            mean, std = kid(a, b, subset_size=min(1000, len(a), len(b)))
+            res = {"kid": mean, "kid_std": std}
+    elif metric == "diversity":
+        res = {"diversity": diversity(image_features(images, backbone))}
+    else:
+        raise DifflabError(f"unknown metric {metric!r}: use clip, fd, kid or diversity")
+    res.update({"n": len(images), "backbone": backbone, **({"ref": str(ref)} if ref else {})})
+    atomic_write_json(folder / f"score-{metric}.json", res)
+    return res

@@ -334,3 +334,43 @@ def train_dreamsim(model: DreamSim, triplets: list[dict], mode: str = "lora", st
     hist = train(params, loss_fn, batch_fn, cfg, out=out, modules=[model])
     model.eval().requires_grad_(False)
     return hist
+
+
+def train_and_save(triplets_dir, out, backbones=(SHAPES_CLIP,), mode="lora", steps=1500, batch_size=16,
+                   lr=3e-4, lora=None, seed=0, progress=True) -> dict:
+    """Train on the train split, save to `out` (atomically), write metrics.json with val/test 2AFC."""
+    from difflab.core.runs import atomic_write_json, output_folder, write_metrics
+    train_t = read_2afc(triplets_dir, "train")
+    model = DreamSim([load_backbone(b) for b in backbones], mlp_hidden=512 if mode == "mlp" else None)
+    hist = train_dreamsim(model, train_t, mode, steps, batch_size, lr, seed=seed, lora=lora, progress=progress)
+    res = {}
+    for split in ("val", "test"):
+        try:
+            r = evaluate_2afc(model, read_2afc(triplets_dir, split), model.image_size)
+            res[f"{split}_2afc"], res[f"{split}_n"] = r["2afc"], r["n"]
+        except DifflabError:
+            pass
+    with output_folder(Path(out)) as tmp:
+        model.save_pretrained(tmp)
+        atomic_write_json(tmp / "config.json", {"triplets": str(triplets_dir), "backbones": list(backbones),
+                                                "mode": mode, "steps": steps, "batch_size": batch_size, "lr": lr,
+                                                "lora": lora, "seed": seed})
+        write_metrics(tmp, {**res, "final_loss": hist["loss"][-1]})
+    return res
+
+
+def eval_and_save(triplets_dir, model_dir=None, baseline="dreamsim", split="test", out=None) -> dict:
+    """2AFC of a tuned model (model_dir), the untuned shapes embedding, or pixel L2; writes metrics.json."""
+    from difflab.core.runs import write_metrics
+    triplets = read_2afc(triplets_dir, split)
+    if baseline == "pixel-l2":
+        res = evaluate_2afc(pixel_l2, triplets, 32 if model_dir is None else DreamSim.from_pretrained(model_dir).image_size)
+    else:
+        model, _ = dreamsim(pretrained=baseline == "dreamsim", model_dir=model_dir)
+        res = evaluate_2afc(model, triplets, model.image_size)
+    res = {**res, "split": split, "model": str(model_dir) if model_dir else baseline}
+    folder = Path(out) if out else (Path(model_dir) if model_dir else None)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_metrics(folder, res)
+    return res
