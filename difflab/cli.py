@@ -65,8 +65,9 @@ def world_info():
 
 @world.command("train")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Work folder (checkpoints, logs).")
-@click.option("--stage", "stages", multiple=True, type=click.Choice(["vae", "oracle", "clip", "unet"]),
-              help="Run only these stages (default: all, in order). vae||oracle and unet||clip can run side by side.")
+@click.option("--stage", "stages", multiple=True, type=click.Choice(["vae", "oracle", "clip", "unet", "decoder"]),
+              help="Run only these stages (default: all, in order). vae||oracle, unet||clip and unet||decoder "
+                   "(once the unet stage has cached its latents) can run side by side.")
 @click.option("--steps", multiple=True, metavar="STAGE=N", help="Override a stage's steps, e.g. --steps unet=9000.")
 @click.option("--install", is_flag=True, help="Copy the result into difflab's shipped weights and judge it.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")

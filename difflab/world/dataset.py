@@ -68,8 +68,6 @@ def sample_item(rng: np.random.Generator, include_heldout: bool = False,
         else:
             w = None
         factors[f] = _pick(rng, opts, w)
-    if factors["color"] == factors["background"]:   # no colour names a background, but keep the rule explicit
-        pass
     factors.update(where)
     named = {f for f in FACTORS if rng.random() < name_prob[f]}
     named |= set(where)

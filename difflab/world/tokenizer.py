@@ -47,14 +47,18 @@ def build_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
         vocab.setdefault(s, len(vocab))
     merges: list[tuple[str, str]] = []
     for word in world_words():
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        cur = parts[0]
-        for nxt in parts[1:]:
-            if (cur, nxt) not in merges:
-                merges.append((cur, nxt))
-            cur = cur + nxt
-            vocab.setdefault(cur, len(vocab))
+        _chain(list(word[:-1]) + [word[-1] + "</w>"], vocab, merges)
     return vocab, merges
+
+
+def _chain(parts: list[str], vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """Append the merges that join `parts` left to right, and their products to the vocabulary."""
+    cur = parts[0]
+    for nxt in parts[1:]:
+        if (cur, nxt) not in merges:
+            merges.append((cur, nxt))
+        cur = cur + nxt
+        vocab.setdefault(cur, len(vocab))
 
 
 def _make(vocab: dict[str, int], merges: list[tuple[str, str]]):
@@ -77,10 +81,5 @@ def build_tokenizer():
         if not stuck:
             return tok
         for parts in stuck:
-            cur = parts[0]
-            for nxt in parts[1:]:
-                if (cur, nxt) not in merges:
-                    merges.append((cur, nxt))
-                cur = cur + nxt
-                vocab.setdefault(cur, len(vocab))
+            _chain(parts, vocab, merges)
     raise RuntimeError(f"could not make single tokens of {stuck}")

@@ -22,7 +22,7 @@ from difflab.world import dataset
 from difflab.world.draw import FACTORS, RESOLUTION, values
 from difflab.world.tokenizer import build_tokenizer
 
-STAGES = ("vae", "oracle", "clip", "unet")
+STAGES = ("vae", "oracle", "clip", "unet", "decoder")
 
 # --- component configurations ------------------------------------------------------------------------------
 VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
@@ -39,7 +39,7 @@ TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, n
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 
-DEFAULT_STEPS = {"vae": 2400, "oracle": 3000, "clip": 1500, "unet": 9000}
+DEFAULT_STEPS = {"vae": 2400, "oracle": 3000, "clip": 1500, "unet": 9000, "decoder": 3000}
 
 
 def _images_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -102,6 +102,48 @@ def train_vae(out: Path, steps: int, seed: int = 0, batch: int = 32) -> dict:
         psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec, held)))
     vae.save_pretrained(d / "final")
     return {"vae_psnr_db": psnr, "vae_scaling_factor": vae.config.scaling_factor}
+
+
+def train_decoder(out: Path, steps: int, seed: int = 4, batch: int = 32) -> dict:
+    """Fine-tune only the VAE decoder on the cached latents. The encoder, and so the UNet's latent space, stay
+    fixed, so this stage runs beside UNet training and sharpens what the oracle must read (textures)."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_pretrained(out / "vae" / "final")
+    x_all = _images_tensor(training_images(out / "cache"))
+    lat_path = out / "cache" / "latents.pt.safetensors"
+    if not lat_path.exists():
+        raise FileNotFoundError(f"{lat_path} is written by the unet stage; run it first")
+    z_all = load_file(lat_path)["z"] / vae.config.scaling_factor
+    vae.requires_grad_(False)
+    params = {f"decoder.{k}": v for k, v in vae.decoder.named_parameters()}
+    params.update({f"post_quant_conv.{k}": v for k, v in vae.post_quant_conv.named_parameters()})
+    for p in params.values():
+        p.requires_grad_(True)
+
+    def batch_fn(i):
+        idx = torch.from_numpy(_rng(seed, i).integers(0, len(x_all), batch))
+        return z_all[idx], x_all[idx]
+
+    def loss_fn(b):
+        z, x = b
+        rec = vae.decode(z).sample
+        l2 = F.mse_loss(rec, x)
+        return l2 + 0.5 * F.l1_loss(rec, x), {"l2": l2.item()}
+
+    cfg = TrainConfig(steps=steps, lr=3e-4, warmup_steps=100, lr_schedule="cosine", checkpoint_every=500,
+                      seed=seed, desc="decoder", weight_decay=0.0)
+    d = out / "decoder"
+    d.mkdir(parents=True, exist_ok=True)
+    train(params, loss_fn, batch_fn, cfg, out=d, modules=[vae], on_log=_log_to(d / "log.jsonl"))
+    vae.eval()
+    with torch.no_grad():
+        held = _images_tensor(dataset.render_array(dataset.sample(1000, 12345, include_heldout=True)))
+        rec = vae.decode(vae.encode(held).latent_dist.mean).sample.clamp(-1, 1)
+        psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec, held)))
+    vae.save_pretrained(d / "final")
+    return {"vae_psnr_db_after_decoder": psnr}
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -262,7 +304,8 @@ def assemble(out: Path, dest: Path) -> None:
     from transformers import CLIPTextModel
     tok = build_tokenizer()
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(out / "vae" / "final"),
+        vae=AutoencoderKL.from_pretrained(out / "decoder" / "final" if (out / "decoder" / "final").exists()
+                                          else out / "vae" / "final"),
         text_encoder=CLIPTextModel.from_pretrained(out / "unet" / "final" / "text_encoder"),
         tokenizer=tok, unet=UNet2DConditionModel.from_pretrained(out / "unet" / "final" / "unet"),
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
@@ -277,7 +320,8 @@ def assemble(out: Path, dest: Path) -> None:
 
 def run(out: Path, stages=STAGES, steps: dict | None = None) -> dict:
     steps = {**DEFAULT_STEPS, **(steps or {})}
-    fns = {"vae": train_vae, "oracle": train_oracle, "clip": train_clip, "unet": train_unet}
+    fns = {"vae": train_vae, "oracle": train_oracle, "clip": train_clip, "unet": train_unet,
+           "decoder": train_decoder}
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "train_report.json"
     for s in stages:
