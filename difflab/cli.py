@@ -72,7 +72,11 @@ def world_info():
 @click.option("--install", is_flag=True, help="Copy the result into difflab's shipped weights and judge it.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
 def world_train(out, stages, steps, install, threads):
-    """Train the shapes world's models from scratch (resumes from the last checkpoint in --out)."""
+    """Train the shapes world's models from scratch (resumes from the last checkpoint in --out).
+
+    Stages already finished in --out are skipped, so `--install` after stages run side by side only installs:
+    it assembles the pipeline into difflab's shipped weights, judges it and writes the model card.
+    """
     import torch
 
     from difflab.world import train as T

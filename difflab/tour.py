@@ -51,9 +51,40 @@ def run_tour(out: Path, model: str = "shapes", n: int = 4, seed: int = 1000) -> 
             sections.append((f"Generated: {name}", report.grid(images[::max(1, n)][:48],
                                                                [r["prompt"] for r in records][::max(1, n)][:48],
                                                                marks[::max(1, n)][:48])))
+        sim_section, sim_metrics = similarity_section(tmp / "similarity", seed=seed)
+        sections.append(("Similarity (DreamSim)", sim_section))
         report.write_report(tmp / "report.html", "difflab tour", sections,
                             subtitle=f"model {model}; {time.strftime('%Y-%m-%d %H:%M')}")
-        metrics = {**{k: round(v, 4) for k, v in head.items()}, "world_oracle_all_factors": world_acc,
+        metrics = {**{k: round(v, 4) for k, v in head.items()}, "world_oracle_all_factors": world_acc, **sim_metrics,
                    "seconds": round(time.time() - t0, 1)}
         write_metrics(tmp, metrics)
     return metrics
+
+
+def similarity_section(folder: Path, seed: int = 0, n: int = 200, show: int = 6) -> tuple[str, dict]:
+    """Shapes 2AFC triplets judged by pixel L2, the untuned embedding and DreamSim, beside the ground truth."""
+    from difflab.core.data import load_image
+    from difflab.similarity import dreamsim, evaluate_2afc, make_2afc, pixel_l2, read_2afc
+    make_2afc(folder, n, seed=seed, splits=(("test", 1.0),))
+    trip = read_2afc(folder)
+    tuned, _ = dreamsim()
+    untuned, _ = dreamsim(pretrained=False)
+    metrics = {"similarity_2afc_pixel_l2": evaluate_2afc(pixel_l2, trip, 32)["2afc"],
+               "similarity_2afc_untuned": evaluate_2afc(untuned, trip, 32)["2afc"],
+               "similarity_2afc_dreamsim": evaluate_2afc(tuned, trip, 32)["2afc"]}
+    from difflab.similarity import _load_triplet_tensors
+    ref, x0, x1, p1 = _load_triplet_tensors(trip[:show], 32)
+    verdicts = {name: (fn(ref, x1) < fn(ref, x0)).tolist()
+                for name, fn in (("pixel L2", pixel_l2), ("untuned", untuned), ("DreamSim", tuned))}
+    rows, images, caps = [], [], []
+    for i, t in enumerate(trip[:show]):
+        truth = "img1" if t["p1"] > 0.5 else "img0"
+        rows.append([f"triplet {i}", truth] + [("img1" if verdicts[k][i] else "img0") for k in verdicts])
+        for key in ("ref", "img0", "img1"):
+            images.append(load_image(t[key]))
+            caps.append(f"{i}: {key}")
+    body = (f"<p>{n} triplets; which image is closer to ref under the ground-truth rule (shape weighs most, "
+            "background least), and what each distance says. 2AFC on all of them:</p>"
+            + report.table(["distance", "2AFC"], [[k.removeprefix("similarity_2afc_"), v] for k, v in metrics.items()])
+            + report.table(["", "truth", *verdicts], rows) + report.grid(images, caps))
+    return body, metrics

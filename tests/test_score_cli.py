@@ -54,3 +54,36 @@ def test_similarity_score_cli(tmp_path):
     assert abs(same["distance"]) < 1e-5 and diff["distance"] > 0.01
     bad = r.invoke(main, ["similarity", "score", str(d / "metadata.jsonl"), str(d / "000000.png")])
     assert bad.exit_code == 2 and "cannot read image" in bad.output
+
+
+def test_shipped_dreamsim_meets_its_bars(tmp_path):
+    """Tuned DreamSim >= 95% 2AFC on triplets no training saw, >= 10 points above untuned and pixel L2."""
+    from difflab.models import WEIGHTS
+    from difflab.similarity import dreamsim, evaluate_2afc, make_2afc, pixel_l2, read_2afc
+    assert (WEIGHTS / "dreamsim" / "dreamsim.safetensors").exists()
+    make_2afc(tmp_path / "t", 600, seed=98765, splits=(("test", 1.0),))
+    test = read_2afc(tmp_path / "t", "test")
+    tuned, _ = dreamsim()
+    untuned, _ = dreamsim(pretrained=False)
+    s_tuned = evaluate_2afc(tuned, test, 32)["2afc"]
+    s_untuned = evaluate_2afc(untuned, test, 32)["2afc"]
+    s_pixel = evaluate_2afc(pixel_l2, test, 32)["2afc"]
+    assert s_tuned >= 0.95, s_tuned
+    assert s_tuned >= s_untuned + 0.10 and s_tuned >= s_pixel + 0.10, (s_tuned, s_untuned, s_pixel)
+
+
+def test_similarity_train_and_eval_cli(tmp_path):
+    r = CliRunner()
+    assert r.invoke(main, ["similarity", "make-2afc", "--n", "120", "--seed", "3", "--out", str(tmp_path / "t")]).exit_code == 0
+    res = r.invoke(main, ["similarity", "train", "--triplets", str(tmp_path / "t"), "--out", str(tmp_path / "m"),
+                          "--steps", "30", "--lora-r", "4"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m" / "dreamsim.safetensors").exists() and (tmp_path / "m" / "metrics.json").exists()
+    res = r.invoke(main, ["similarity", "eval", "--triplets", str(tmp_path / "t"), "--model", str(tmp_path / "m")])
+    out = json.loads(res.output)
+    assert res.exit_code == 0 and 0 <= out["2afc"] <= 1 and out["n"] == 24
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["2afc"] == out["2afc"]
+    bad = r.invoke(main, ["similarity", "eval", "--triplets", str(tmp_path)])
+    assert bad.exit_code == 2 and "no data.csv" in bad.output
+    bad = r.invoke(main, ["similarity", "eval", "--triplets", str(tmp_path / "t"), "--model", str(tmp_path)])
+    assert bad.exit_code == 2 and "not a DreamSim model folder" in bad.output

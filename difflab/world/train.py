@@ -325,6 +325,9 @@ def run(out: Path, stages=STAGES, steps: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "train_report.json"
     for s in stages:
+        done = json.loads(report_path.read_text()) if report_path.exists() else {}
+        if (out / s / "final").exists() and s in done and done[s]["steps"] >= steps[s]:
+            continue   # finished earlier (perhaps in a process beside this one); delete DIR/<stage> to redo it
         t0 = time.time()
         metrics = fns[s](out, steps[s])
         # re-read: a stage running beside this one in another process may have written its entry meanwhile

@@ -1,0 +1,396 @@
+"""Custom Diffusion (Kumari, Zhang, Zhang, Shechtman, Zhu, CVPR 2023): teach a model new concepts.
+
+Fine-tune only the cross-attention key/value projections W_k, W_v of the UNet (they read the text) plus the
+embedding row of one modifier token V* per concept ("<new1>"), on a few concept images and, 1:1, class images
+the base model generates from the class prompt (prior preservation). The loss is the masked denoising loss
+
+    L = E || eps - eps_theta(x_t, t, c(V* class)) ||^2_mask  +  lambda E || eps - eps_theta(x_t', t, c(class)) ||^2
+
+with Custom Diffusion's random-rescale augmentation (core/augment.py). Concepts trained separately are merged
+by the closed-form constrained least squares of eq. (4) (`merge`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab.core import conditioning
+from difflab.errors import DifflabError
+
+WEIGHTS_NAME = "pytorch_custom_diffusion_weights.safetensors"   # diffusers' save_attn_procs name
+CONFIG_NAME = "adapter_config.json"
+RARE_WORDS = ("ktn", "pll", "ucd", "sks")   # rows new tokens start from, as in the official code
+
+
+@dataclass
+class Concept:
+    images: str                      # a folder of images (metadata.jsonl optional)
+    token: str = "<new1>"
+    class_prompt: str = "a shape"
+    instance_prompt: str | None = None   # default: the class prompt with the token before its noun
+
+    def prompt(self) -> str:
+        if self.instance_prompt:
+            if self.token not in self.instance_prompt:
+                raise DifflabError(f"the instance prompt {self.instance_prompt!r} does not contain {self.token}")
+            return self.instance_prompt
+        words = self.class_prompt.split()
+        return " ".join(words[:-1] + [self.token, words[-1]])
+
+
+@dataclass
+class CustomizeConfig:
+    steps: int = 250
+    lr: float = 1e-4
+    batch_size: int = 4               # instance images per step (and as many class images)
+    params: str = "xattn_kv"          # or "xattn": all of cross-attention
+    num_class_images: int = 64
+    prior_weight: float = 1.0
+    augment: bool = True
+    class_steps: int = 25
+    class_guidance: float = 5.0
+    seed: int = 0
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+# --- modifier tokens -----------------------------------------------------------------------------------------
+def add_tokens(pipe, tokens: list[str], init: dict[str, torch.Tensor] | None = None) -> dict[str, list[int]]:
+    """Add modifier tokens to every tokenizer/text encoder of the pipeline. A new row starts as the row of a rare
+    word (RARE_WORDS, cycling) or, when `init` gives it, that embedding (a list of tensors for SDXL)."""
+    ids: dict[str, list[int]] = {t: [] for t in tokens}
+    for k, (tok, te) in enumerate(conditioning.tokenizers_and_encoders(pipe)):
+        for t in tokens:
+            if t in tok.get_vocab() and t not in tok.get_added_vocab():
+                raise DifflabError(f"token {t} is already a word of this model's vocabulary; pick another (e.g. <new1>)")
+        tok.add_tokens([t for t in tokens if t not in tok.get_added_vocab()])
+        te.resize_token_embeddings(len(tok))
+        emb = te.get_input_embeddings().weight
+        with torch.no_grad():
+            for i, t in enumerate(tokens):
+                tid = tok.convert_tokens_to_ids(t)
+                ids[t].append(tid)
+                if init is not None and t in init:
+                    src = init[t][k] if isinstance(init[t], (list, tuple)) else init[t]
+                    emb[tid] = src.to(emb)
+                else:
+                    rare = tok(RARE_WORDS[i % len(RARE_WORDS)], add_special_tokens=False).input_ids
+                    emb[tid] = emb[rare[0]]
+    return ids
+
+
+def token_embeddings(pipe, tokens: list[str]) -> dict[str, list[torch.Tensor]]:
+    out = {t: [] for t in tokens}
+    for tok, te in conditioning.tokenizers_and_encoders(pipe):
+        w = te.get_input_embeddings().weight
+        for t in tokens:
+            out[t].append(w[tok.convert_tokens_to_ids(t)].detach().clone())
+    return out
+
+
+def _only_rows(weight: torch.nn.Parameter, rows: list[int]):
+    """Gradient hook: only the given embedding rows learn (the last one included; see the reference's bug)."""
+    keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    keep[rows] = 1
+    return weight.register_hook(lambda g: g * keep)
+
+
+def detach_start_token(unet) -> list:
+    """Detach K and V at text position 0 (the start token) in every cross-attention: the forward is unchanged,
+    the start token's keys and values get no gradient (official code, sec. 'start-token detach')."""
+    def hook(_m, _inp, out):
+        return torch.cat([out[:, :1].detach(), out[:, 1:]], dim=1)
+    return [m.register_forward_hook(hook) for n, m in unet.named_modules()
+            if n.endswith(("attn2.to_k", "attn2.to_v"))]
+
+
+# --- weights: save in diffusers' format, load that, Adobe's delta.bin, apply --------------------------------------
+def _kv_names(unet, params: str) -> list[str]:
+    from difflab.core.params import select
+    return list(select(unet, params))
+
+
+def save_weights(pipe, folder: Path, tokens: list[str], params: str, base: str, extra: dict | None = None) -> None:
+    """diffusers' Custom Diffusion layout: `…attn2.processor.to_k_custom_diffusion.weight` (full matrices) plus a
+    `<token>.safetensors` per token; `adapter_config.json` records the base and the tokens."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    state, chosen = {}, set(_kv_names(pipe.unet, params))
+    for name, p in pipe.unet.named_parameters():
+        if name in chosen:
+            layer, proj, kind = name.rsplit(".", 2)[0], name.rsplit(".", 2)[1], name.rsplit(".", 2)[2]
+            if proj == "0":   # to_out.0
+                layer, proj = name.rsplit(".", 3)[0], "to_out_custom_diffusion.0"
+            else:
+                proj = f"{proj}_custom_diffusion"
+            state[f"{layer}.processor.{proj}.{kind}"] = p.detach().float().contiguous()
+    save_file(state, folder / WEIGHTS_NAME)
+    for t, embs in token_embeddings(pipe, tokens).items():
+        d = {t: embs[0].float().contiguous()}
+        if len(embs) > 1:
+            d[f"{t}.text_encoder_2"] = embs[1].float().contiguous()
+        save_file(d, folder / f"{t}.safetensors")
+    cfg = {"type": "custom_diffusion", "base": base, "tokens": tokens, "params": params,
+           "cross_attention_dim": pipe.unet.config.cross_attention_dim, **(extra or {})}
+    (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+
+
+def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """(UNet parameter name -> matrix, token -> embeddings) from a diffusers-format folder or a delta.bin."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    if folder.is_file() and folder.suffix == ".bin" or (folder / "delta.bin").is_file():
+        path = folder if folder.is_file() else folder / "delta.bin"
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DifflabError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from e
+        if "unet" not in d:
+            raise DifflabError(f"{path} is not an Adobe Custom Diffusion delta.bin (no 'unet' key)")
+        toks = {t: (list(v) if isinstance(v, (list, tuple)) else [v]) for t, v in d.get("modifier_token", {}).items()}
+        return dict(d["unet"]), toks
+    wfile = folder / WEIGHTS_NAME
+    if not wfile.is_file():
+        raise DifflabError(f"{folder} holds no Custom Diffusion weights ({WEIGHTS_NAME} or delta.bin)")
+    try:
+        raw = load_file(wfile)
+    except Exception as e:
+        raise DifflabError(f"cannot read {wfile}: {str(e).splitlines()[0][:200]}") from e
+    state = {}
+    for k, v in raw.items():   # processor names -> the base layers they replace
+        layer, _, rest = k.partition(".processor.")
+        rest = rest.replace("to_out_custom_diffusion.0", "to_out.0").replace("_custom_diffusion", "")
+        state[f"{layer}.{rest}"] = v
+    toks = {}
+    for f in folder.glob("*.safetensors"):
+        if f.name == WEIGHTS_NAME:
+            continue
+        d = load_file(f)
+        for t in [k for k in d if not k.endswith(".text_encoder_2")]:
+            toks[t] = [d[t]] + ([d[f"{t}.text_encoder_2"]] if f"{t}.text_encoder_2" in d else [])
+    return state, toks
+
+
+def apply_weights(pipe, folder: Path, scale: float = 1.0) -> list[str]:
+    """Really change the model: copy the matrices into to_k/to_v (W0 + scale (W - W0)) and add the tokens.
+    (diffusers' `load_attn_procs` installs nothing for these files; see the reference.) Returns the tokens."""
+    state, toks = read_weights(folder)
+    params = dict(pipe.unet.named_parameters())
+    with torch.no_grad():
+        for name, w in state.items():
+            if name not in params:
+                raise DifflabError(f"{folder} was made for another model: it has {name}, this UNet does not")
+            if params[name].shape != w.shape:
+                raise DifflabError(f"{folder} was made for a different base model: {name} is "
+                                   f"{tuple(w.shape)} there, {tuple(params[name].shape)} here")
+            p = params[name]
+            p.copy_(p + scale * (w.to(p) - p))
+    if toks:
+        add_tokens(pipe, list(toks), init=toks)
+    return list(toks)
+
+
+# --- training ------------------------------------------------------------------------------------------------
+def _load_concept_images(c: Concept, size: int) -> torch.Tensor:
+    from difflab.core.data import load_image, to_pixels
+    folder = Path(c.images)
+    if not folder.is_dir():
+        raise DifflabError(f"concept images {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise DifflabError(f"{folder} holds no images (.png, .jpg, .jpeg, .webp)")
+    return to_pixels([load_image(f, size) for f in files])
+
+
+@torch.no_grad()
+def class_latents(pipe, prompt: str, n: int, cfg: CustomizeConfig, cache: Path | None) -> torch.Tensor:
+    """Latents of n images the base model generates from the class prompt (the regularisation set; the
+    paper's retrieval service is gone). Cached as safetensors in the run folder."""
+    from safetensors.torch import load_file, save_file
+
+    from difflab.core.data import encode_latents, to_pixels
+    from difflab.generate import generate_images
+    if cache is not None and cache.exists():
+        return load_file(cache)["z"]
+    images, _ = generate_images(pipe, [prompt], n=n, seed=cfg.seed + 1_000_000, steps=cfg.class_steps,
+                                guidance=cfg.class_guidance, progress=cfg.progress)
+    z = encode_latents(pipe.vae, to_pixels(images))
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"z": z.contiguous()}, cache)
+    return z
+
+
+def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Path | None = None) -> dict:
+    """Train one or several concepts jointly (each step draws every concept and its class images).
+    Changes `pipe` in place; returns the loss history."""
+    from difflab.core.augment import rescale_augment
+    from difflab.core.diffusion import diffusion_loss
+    from difflab.core.params import freeze_all_but, select
+    from difflab.core.trainer import TrainConfig, train
+    if len({c.token for c in concepts}) != len(concepts):
+        raise DifflabError("each concept needs its own token (<new1>, <new2>, ...)")
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    data = [_load_concept_images(c, size) for c in concepts]
+    prompts = [c.prompt() for c in concepts]
+    z_class = [class_latents(pipe, c.class_prompt, cfg.num_class_images, cfg,
+                             work / "class" / f"{i}.safetensors" if work else None) for i, c in enumerate(concepts)]
+    ids = add_tokens(pipe, [c.token for c in concepts])
+    from diffusers import DDPMScheduler
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    params = {f"unet.{k}": v for k, v in select(pipe.unet, cfg.params).items()}
+    hooks = []
+    for k, (tok, te) in enumerate(conditioning.tokenizers_and_encoders(pipe)):
+        emb = te.get_input_embeddings().weight
+        params[f"text_encoder_{k}.embedding"] = emb
+        hooks.append(_only_rows(emb, [ids[c.token][k] for c in concepts]))
+    pipe.unet.requires_grad_(False)
+    freeze_all_but(pipe.unet, select(pipe.unet, cfg.params))
+    for _, te in conditioning.tokenizers_and_encoders(pipe):
+        te.requires_grad_(False)
+        te.get_input_embeddings().weight.requires_grad_(True)
+    hooks += detach_start_token(pipe.unet)
+    f = pipe.vae_scale_factor
+
+    def batch_fn(i):
+        rng = np.random.default_rng([cfg.seed, i])
+        xs, masks, texts, zc, ctexts = [], [], [], [], []
+        for c, x_all, p, z in zip(concepts, data, prompts, z_class):
+            for _ in range(cfg.batch_size):
+                x = x_all[rng.integers(len(x_all))]
+                if cfg.augment:
+                    x, m, prefix = rescale_augment(x, rng, f)
+                else:
+                    m, prefix = torch.ones(1, size // f, size // f), ""
+                xs.append(x)
+                masks.append(m)
+                texts.append(prefix + p)
+                zc.append(z[rng.integers(len(z))])
+                ctexts.append(c.class_prompt)
+        g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        return torch.stack(xs), torch.stack(masks), texts, torch.stack(zc), ctexts, g
+
+    def loss_fn(b):
+        x, m, texts, zc, ctexts, g = b
+        with torch.no_grad():
+            z = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.sample(g).float()
+            z = z * pipe.vae.config.scaling_factor
+        c, add = conditioning.encode(pipe, texts + ctexts)
+        if add:
+            add = {k: v for k, v in add.items()}
+        n = len(texts)
+        x0 = torch.cat([z, zc.to(z)])
+        per = diffusion_loss(pipe.unet, sched, x0, c, mask=torch.cat([m, torch.ones_like(m)]).to(z),
+                             generator=g, added_cond_kwargs=add, reduction="none")
+        inst, prior = per[:n].mean(), per[n:].mean()
+        return inst + cfg.prior_weight * prior, {"instance": inst.item(), "prior": prior.item()}
+
+    # no weight decay: AdamW would shrink every embedding row, and the saved adapter (new rows only) would no
+    # longer reproduce the trained model exactly
+    tc = TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, progress=cfg.progress, desc="customize", weight_decay=0.0,
+                     log_every=max(1, cfg.steps // 25), checkpoint_every=0)
+    try:
+        hist = train(params, loss_fn, batch_fn, tc, modules=[pipe.unet])
+    finally:
+        for h in hooks:
+            h.remove()
+        pipe.unet.requires_grad_(False)
+        for _, te in conditioning.tokenizers_and_encoders(pipe):
+            te.requires_grad_(False)
+    pipe.unet.eval()
+    return hist
+
+
+# --- closed-form merge (eq. 4) -------------------------------------------------------------------------------
+def merge_matrix(W0: torch.Tensor, C_reg: torch.Tensor, C_tgt: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """argmin_W ||(W - W0) C_reg^T||_F^2  s.t.  W C_tgt^T = V^T   (Kumari et al., eq. 4), in float64:
+
+
+        C = C_reg^T C_reg,  D = C_tgt C^-1,  W = W0 + (V^T - W0 C_tgt^T) (D C_tgt^T)^-1 D
+
+    W0 (o, d), C_reg (n, d) regularisation text features, C_tgt (m, d) target features, V (m, o) = rows W_i c."""
+    W0, C_reg, C_tgt, V = (t.double() for t in (W0, C_reg, C_tgt, V))
+    C = C_reg.T @ C_reg
+    # A tiny ridge (1e-6 of the mean eigenvalue) keeps C invertible when the regularisation features do not span
+    # every direction (a LayerNorm output without bias lies in a (d-1)-dim subspace); constraints stay exact.
+    C = C + 1e-6 * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
+    D = torch.linalg.solve(C, C_tgt.T).T            # C_tgt C^-1 (C is symmetric)
+    return (W0 + (V.T - W0 @ C_tgt.T) @ torch.linalg.solve(D @ C_tgt.T, D)).float()
+
+
+def _independent_rows(C: torch.Tensor, rel_tol: float = 1e-2) -> list[int]:
+    """Greedy: keep row i when its distance to the span of the rows kept so far exceeds rel_tol of its norm."""
+    keep: list[int] = []
+    for i, row in enumerate(C):
+        if keep:
+            basis = torch.linalg.qr(C[keep].T).Q          # (d, k) orthonormal basis of the kept rows
+            rest = row - basis @ (basis.T @ row)
+        else:
+            rest = row
+        if rest.norm() > rel_tol * row.norm():
+            keep.append(i)
+    return keep
+
+
+@torch.no_grad()
+def text_features(pipe, prompts: list[str], skip_start: bool = True) -> torch.Tensor:
+    """Token-level text features (the rows K/V see): one row per position from after the start token through
+    the first end token, over all prompts."""
+    from difflab.core.data import encode_prompts
+    tok = pipe.tokenizer
+    hidden = encode_prompts(pipe, prompts)
+    rows = []
+    for p, h in zip(prompts, hidden):
+        ids = tok(p, truncation=True, max_length=tok.model_max_length).input_ids
+        rows.append(h[1 if skip_start else 0:len(ids)])
+    return torch.cat(rows)
+
+
+def merge(pipe, runs: list[Path], reg_prompts: list[str]) -> tuple[list[str], dict]:
+    """Merge Custom Diffusion runs trained separately on the same base: tokens renamed <new1>, <new2>, ... in
+    order, each K/V matrix solved in closed form so every concept's prompts map as its own run mapped them
+    while regularisation prompts change as little as possible. Changes `pipe`; returns (tokens, info)."""
+    cfgs = [json.loads((Path(r) / CONFIG_NAME).read_text()) if (Path(r) / CONFIG_NAME).exists() else {} for r in runs]
+    bases = {c.get("base") for c in cfgs if c}
+    if len(bases) > 1:
+        raise DifflabError(f"cannot merge runs made on different base models: {sorted(map(str, bases))}")
+    loaded = [read_weights(Path(r)) for r in runs]
+    names = sorted(set().union(*(set(s) for s, _ in loaded)))
+    base = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if n in names}
+    if len(base) != len(names):
+        raise DifflabError("the runs were made for another model: some of their layers are not in this UNet")
+    # each run's concept, renamed to its merged token
+    tokens, concept_prompts = [], []
+    for i, ((_, toks), cfg) in enumerate(zip(loaded, cfgs)):
+        if len(toks) != 1:
+            raise DifflabError(f"{runs[i]} has {len(toks)} tokens; merge takes single-concept runs")
+        old, emb = next(iter(toks.items()))
+        new = f"<new{i + 1}>"
+        add_tokens(pipe, [new], init={new: emb})
+        tokens.append(new)
+        cls = cfg.get("class_prompt", "a shape")
+        noun = cls.split()[-1]
+        concept_prompts.append([f"{new} {noun}", cls.replace(noun, f"{new} {noun}")])
+    C_reg = text_features(pipe, reg_prompts).cpu()
+    C_tgt_parts = [text_features(pipe, ps).cpu() for ps in concept_prompts]
+    C_all = torch.cat(C_tgt_parts)
+    owner_all = np.concatenate([[i] * len(p) for i, p in enumerate(C_tgt_parts)])
+    # shared words ("a" before the token) give identical or nearly identical rows, which make D C_tgt^T singular:
+    # keep a row only if it adds a direction (the official code drops exact duplicates only)
+    keep = _independent_rows(C_all.double())
+    C_tgt, owner = C_all[keep], owner_all[keep]
+    residual = 0.0
+    params = dict(pipe.unet.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            W0 = base[n].cpu().double()
+            V = torch.stack([loaded[o][0][n].double() @ c.double() for o, c in zip(owner, C_tgt)])
+            W = merge_matrix(W0, C_reg, C_tgt, V)
+            residual = max(residual, float((W.double() @ C_tgt.double().T - V.T).abs().max() / V.abs().max()))
+            params[n].copy_(W.to(params[n]))
+    return tokens, {"constraint_residual": residual, "constraints": len(keep), "merged_layers": len(names), "reg_rows": len(C_reg)}

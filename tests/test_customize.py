@@ -1,0 +1,109 @@
+"""Custom Diffusion on a tiny random pipeline: training changes only K/V and the token row, formats round-trip,
+loading really changes the model, the merge satisfies its constraints."""
+import numpy as np
+import pytest
+import torch
+
+from difflab.customize import (Concept, CustomizeConfig, apply_weights, merge, merge_matrix, read_weights,
+                               save_weights, train_concepts)
+from difflab.errors import DifflabError
+
+
+def _pipe(tiny_pipeline_dir):
+    from difflab.models import load_pipeline
+    return load_pipeline(tiny_pipeline_dir)
+
+
+def _images(tmp_path, name="hearts", shape="heart"):
+    from difflab.world import sample_folder
+    return sample_folder(tmp_path / name, n=4, seed=1, where=[f"shape={shape}"])
+
+
+def _image(pipe, prompt, seed=0):
+    return pipe(prompt, num_inference_steps=2, guidance_scale=3.0, output_type="np",
+                generator=torch.Generator().manual_seed(seed)).images
+
+
+def _train(pipe, tmp_path, token="<new1>", shape="heart", steps=6):
+    cfg = CustomizeConfig(steps=steps, lr=1e-2, batch_size=2, num_class_images=4, class_steps=2, progress=False)
+    return train_concepts(pipe, [Concept(str(_images(tmp_path, shape + "s", shape)), token)], cfg, tmp_path / "work")
+
+
+def test_training_changes_only_kv_and_the_new_row(tiny_pipeline_dir, tmp_path):
+    pipe = _pipe(tiny_pipeline_dir)
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    emb0 = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    hist = _train(pipe, tmp_path)
+    assert len(hist["loss"]) > 0
+    changed = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for n in changed)
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    new_id = pipe.tokenizer.convert_tokens_to_ids("<new1>")
+    assert new_id == emb.shape[0] - 1
+    assert torch.equal(emb[:-1], emb0) and not torch.equal(emb[new_id], emb[pipe.tokenizer("ktn", add_special_tokens=False).input_ids[0]])
+
+
+def test_saved_weights_load_into_a_fresh_base_and_reproduce_the_trained_model(tiny_pipeline_dir, tmp_path):
+    pipe = _pipe(tiny_pipeline_dir)
+    _train(pipe, tmp_path)
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    save_weights(pipe, save_dir, ["<new1>"], "xattn_kv", base=str(tiny_pipeline_dir))
+    trained = _image(pipe, "a <new1> shape")
+    fresh = _pipe(tiny_pipeline_dir)
+    base_img = _image(fresh, "a <new1> shape")
+    assert apply_weights(fresh, save_dir) == ["<new1>"]
+    loaded = _image(fresh, "a <new1> shape")
+    assert np.abs(loaded - trained).max() < 1e-5
+    assert np.abs(loaded - base_img).max() > 1e-3   # a no-op load would fail here
+
+
+def test_adobe_delta_bin_is_read(tiny_pipeline_dir, tmp_path):
+    pipe = _pipe(tiny_pipeline_dir)
+    name = next(n for n, _ in pipe.unet.named_parameters() if n.endswith("attn2.to_k.weight"))
+    w = dict(pipe.unet.named_parameters())[name].detach() + 0.5
+    torch.save({"unet": {name: w}, "modifier_token": {"<new1>": torch.randn(16)}}, tmp_path / "delta.bin")
+    state, toks = read_weights(tmp_path / "delta.bin")
+    apply_weights(pipe, tmp_path / "delta.bin")
+    assert torch.equal(dict(pipe.unet.named_parameters())[name], w) and "<new1>" in pipe.tokenizer.get_added_vocab()
+
+
+def test_weights_for_another_base_fail_clearly(tiny_pipeline_dir, tmp_path):
+    pipe = _pipe(tiny_pipeline_dir)
+    name = next(n for n, _ in pipe.unet.named_parameters() if n.endswith("attn2.to_k.weight"))
+    torch.save({"unet": {name: torch.zeros(3, 3)}}, tmp_path / "delta.bin")
+    with pytest.raises(DifflabError, match="different base model"):
+        apply_weights(pipe, tmp_path / "delta.bin")
+
+
+def test_merge_matrix_meets_constraints_and_is_optimal():
+    g = torch.Generator().manual_seed(0)
+    W0, C_reg = torch.randn(6, 8, generator=g), torch.randn(50, 8, generator=g)
+    C_tgt, V = torch.randn(3, 8, generator=g), torch.randn(3, 6, generator=g)
+    W = merge_matrix(W0, C_reg, C_tgt, V).double()
+    assert (W @ C_tgt.double().T - V.double().T).abs().max() < 1e-6
+    obj = lambda M: ((M - W0.double()) @ C_reg.double().T).pow(2).sum()
+    # any feasible perturbation (one that keeps W C_tgt^T fixed) costs more
+    null = torch.linalg.svd(C_tgt.double(), full_matrices=True).Vh[3:]   # rows orthogonal to C_tgt
+    for _ in range(20):
+        P = torch.randn(6, null.shape[0], generator=g, dtype=torch.float64) @ null * 0.1
+        assert obj(W + P) >= obj(W) - 1e-9
+
+
+def test_merge_two_runs(tiny_pipeline_dir, tmp_path):
+    runs = []
+    for shape in ("heart", "moon"):
+        pipe = _pipe(tiny_pipeline_dir)
+        _train(pipe, tmp_path / shape, shape=shape)
+        d = tmp_path / f"run-{shape}"
+        d.mkdir()
+        save_weights(pipe, d, ["<new1>"], "xattn_kv", base="tiny", extra={"class_prompt": "a shape"})
+        runs.append(d)
+    pipe = _pipe(tiny_pipeline_dir)
+    tokens, info = merge(pipe, runs, [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("star", "circle")] * 4)
+    assert tokens == ["<new1>", "<new2>"] and info["constraint_residual"] < 1e-4
+    with pytest.raises(DifflabError, match="different base"):
+        import json
+        cfg = json.loads((runs[1] / "adapter_config.json").read_text())
+        (runs[1] / "adapter_config.json").write_text(json.dumps({**cfg, "base": "other"}))
+        merge(_pipe(tiny_pipeline_dir), runs, ["a shape"])
