@@ -1,7 +1,9 @@
 """Adapters a pipeline can take on: `DIR[:SCALE]` folders written by difflab's methods.
 
 A folder holding `pytorch_lora_weights.safetensors` is a diffusers LoRA (sliders, peft-trained adapters) and
-loads through `pipe.load_lora_weights`, so plain diffusers code can use the same folder.
+loads through `pipe.load_lora_weights`, so plain diffusers code can use the same folder. A folder holding
+`pytorch_custom_diffusion_weights.safetensors` (or Adobe's `delta.bin`) is a Custom Diffusion / Concept Ablation
+result: its K/V matrices are written into the UNet (W0 + SCALE (W - W0)) and its tokens added.
 """
 from __future__ import annotations
 
@@ -40,7 +42,14 @@ def apply_adapters(pipe, specs: list[str]) -> None:
                 raise DifflabError(f"could not load LoRA adapter {path}: {str(e).splitlines()[0]}") from e
             names.append(name)
             weights.append(scale)
+        elif (path / "pytorch_custom_diffusion_weights.safetensors").is_file() or (path / "delta.bin").is_file():
+            from difflab.customize import apply_weights
+            apply_weights(pipe, path, scale)
+        elif any((path / f).is_file() for f in ("erased_embedding_rows.safetensors", "erased_unet.safetensors")):
+            from difflab.erase import apply_erased
+            apply_erased(pipe, path)
         else:
-            raise DifflabError(f"{path} holds no adapter difflab knows ({LORA_FILE})")
+            raise DifflabError(f"{path} holds no adapter difflab knows ({LORA_FILE}, "
+                               "pytorch_custom_diffusion_weights.safetensors or delta.bin)")
     if names:
         pipe.set_adapters(names, adapter_weights=weights)
