@@ -133,6 +133,87 @@ def generate(model, prompts, prompts_file, n, seed, steps, guidance, adapters, d
     click.echo(f"wrote {len(prompts) * n} images to {out}")
 
 
+# --- customize / merge / erase -------------------------------------------------------------------------------
+@main.command()
+@click.option("--model", default="shapes", show_default=True, help='"shapes", a diffusers folder, or a hub id.')
+@click.option("--images", "images", multiple=True, help="A folder of concept images (repeat for joint training).")
+@click.option("--token", "tokens", multiple=True, help="Its modifier token, e.g. <new1> (one per --images).")
+@click.option("--class-prompt", "class_prompts", multiple=True, help='Its class prompt, e.g. "a shape".')
+@click.option("--concepts", "concepts_file", type=click.Path(path_type=Path),
+              help='JSON list of {"images", "token", "class_prompt"[, "instance_prompt"]} instead.')
+@click.option("--steps", type=click.IntRange(1), default=250, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--params", type=click.Choice(["xattn_kv", "xattn"]), default="xattn_kv", show_default=True,
+              help="Cross-attention K/V (the paper's default) or all of cross-attention.")
+@click.option("--num-class-images", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--no-augment", is_flag=True, help="Turn off the random-rescale augmentation.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def customize(model, images, tokens, class_prompts, concepts_file, steps, lr, batch_size, params,
+              num_class_images, no_augment, seed, out):
+    """Custom Diffusion: teach the model new concepts from a few images (K/V + a modifier token each).
+
+    OUT gets the weights in diffusers' Custom Diffusion format, config.json and metrics.json (on the shapes
+    model: the concept's oracle-judged rate, the base model's, and drift). Use it with `difflab generate
+    --adapter OUT`.
+    """
+    from difflab.customize import Concept, CustomizeConfig, customize as run
+    if concepts_file:
+        try:
+            concepts = [Concept(**c) for c in json.loads(Path(concepts_file).read_text())]
+        except (OSError, ValueError, TypeError) as e:
+            raise DifflabError(f"cannot read --concepts {concepts_file}: {e}")
+    else:
+        if not images:
+            raise DifflabError("give --images DIR (with --token and --class-prompt) or --concepts FILE")
+        tokens = list(tokens) or [f"<new{i + 1}>" for i in range(len(images))]
+        class_prompts = list(class_prompts) or ["a shape"] * len(images)
+        if not len(images) == len(tokens) == len(class_prompts):
+            raise DifflabError("give one --token and one --class-prompt per --images")
+        concepts = [Concept(str(i), t, c) for i, t, c in zip(images, tokens, class_prompts)]
+    cfg = CustomizeConfig(steps=steps, lr=lr, batch_size=batch_size, params=params, num_class_images=num_class_images,
+                          augment=not no_augment, seed=seed)
+    click.echo(json.dumps(run(model, concepts, out, cfg), indent=2))
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", default="shapes", show_default=True, help="The base the runs were trained on.")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def merge(runs, model, out):
+    """Merge Custom Diffusion runs trained separately, in closed form (tokens become <new1>, <new2>, ...)."""
+    from difflab.customize import merge_runs
+    if len(runs) < 2:
+        raise DifflabError("merge needs at least two runs")
+    click.echo(json.dumps(merge_runs(model, list(runs), out), indent=2))
+
+
+@main.command()
+@click.option("--model", default="shapes", show_default=True)
+@click.option("--target", required=True, help='The concept to remove, e.g. "a star".')
+@click.option("--anchor", required=True, help='What it should become, e.g. "a shape".')
+@click.option("--anchor-prompts", type=click.Path(path_type=Path), help="A text file of anchor prompts, one a line.")
+@click.option("--method", type=click.Choice(["model", "noise"]), default="model", show_default=True)
+@click.option("--params", type=click.Choice(["kv", "embedding", "full"]), default="kv", show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--lr", type=float, default=2e-5, show_default=True)
+@click.option("--reg-weight", type=float, default=0.0, show_default=True, help="Anchor regulariser weight.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def erase(model, target, anchor, anchor_prompts, method, params, steps, lr, reg_weight, seed, out):
+    """Concept Ablation: make prompts naming TARGET behave like ANCHOR prompts. OUT loads with --adapter."""
+    from difflab.erase import EraseConfig, erase_run
+    prompts = None
+    if anchor_prompts:
+        try:
+            prompts = [l.strip() for l in Path(anchor_prompts).read_text().splitlines() if l.strip()]
+        except OSError as e:
+            raise DifflabError(f"cannot read --anchor-prompts {anchor_prompts}: {e.strerror}")
+    cfg = EraseConfig(method=method, params=params, steps=steps, lr=lr, reg_weight=reg_weight, seed=seed)
+    click.echo(json.dumps(erase_run(model, target, anchor, out, cfg, prompts), indent=2))
+
+
 # --- score / similarity ------------------------------------------------------------------------------------
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))

@@ -394,3 +394,89 @@ def merge(pipe, runs: list[Path], reg_prompts: list[str]) -> tuple[list[str], di
             residual = max(residual, float((W.double() @ C_tgt.double().T - V.T).abs().max() / V.abs().max()))
             params[n].copy_(W.to(params[n]))
     return tokens, {"constraint_residual": residual, "constraints": len(keep), "merged_layers": len(names), "reg_rows": len(C_reg)}
+
+
+# --- runs: train / merge into a folder, measured on the shapes world -----------------------------------------
+def concept_value(c: Concept) -> str | None:
+    """The shapes-world shape a concept's images show (from their metadata.jsonl), if they are world images."""
+    from collections import Counter
+    meta = Path(c.images) / "metadata.jsonl"
+    if not meta.is_file():
+        return None
+    shapes = [json.loads(line).get("factors", {}).get("shape") for line in meta.read_text().splitlines() if line]
+    shapes = [s for s in shapes if s]
+    return Counter(shapes).most_common(1)[0][0] if shapes else None
+
+
+def evaluate_concepts(pipe, base_pipe, tokens: list[str], values: list[str], n: int = 8, seed: int = 50_000) -> dict:
+    """Oracle-judged rates on the shapes model: each taught concept on "a <tok> shape" and on "a {color} <tok>
+    shape", the base model on the same prompts, and joint accuracy on trained-concept prompts before and after."""
+    from difflab.generate import generate_images
+    from difflab.models import load_oracle
+    from difflab.world.dataset import parse_prompt
+    from difflab.world.draw import FACTORS
+    from difflab.world.oracle import judge
+    oracle = load_oracle()
+    colors = FACTORS["color"][0]
+    out = {}
+
+    def rate(p, prompts, aliases):
+        imgs, recs = generate_images(p, prompts, n=n, seed=seed, progress=False)
+        return judge(oracle.predict(imgs), [parse_prompt(r["prompt"], aliases) for r in recs])
+
+    for tok, val in zip(tokens, values):
+        aliases = {tok: val}
+        plain = [f"a {tok} shape"]
+        colored = [f"a {c} {tok} shape" for c in colors]
+        for name, p in (("", pipe), ("base_", base_pipe)):
+            r1, r2 = rate(p, plain, aliases), rate(p, colored, aliases)
+            out[f"{name}{tok}_rate"] = r1["accuracy"]["shape"]
+            out[f"{name}{tok}_color_prompts_rate"] = r2["accuracy"]["shape"]
+            out[f"{name}{tok}_color_accuracy"] = r2["accuracy"]["color"]
+    trained = [f"a {c} {s}" for c in colors[:3] for s in FACTORS["shape"][0]]
+    out["drift_joint_before"] = rate(base_pipe, trained, {})["joint"]
+    out["drift_joint_after"] = rate(pipe, trained, {})["joint"]
+    return out
+
+
+def customize(model, concepts: list[Concept], out: Path, cfg: CustomizeConfig | None = None,
+              evaluate: bool | None = None) -> dict:
+    """Train concepts jointly on `model` and write the run folder `out` (weights, config.json, metrics.json)."""
+    import time
+
+    from difflab.core.runs import atomic_write_json, output_folder, write_metrics
+    from difflab.models import load_pipeline
+    cfg = cfg or CustomizeConfig()
+    pipe = load_pipeline(model)
+    t0 = time.time()
+    with output_folder(Path(out)) as tmp:
+        hist = train_concepts(pipe, concepts, cfg, work=tmp)
+        seconds = time.time() - t0
+        tokens = [c.token for c in concepts]
+        save_weights(pipe, tmp, tokens, cfg.params, base=str(model),
+                     extra={"class_prompt": concepts[0].class_prompt, "concepts": [asdict(c) for c in concepts]})
+        atomic_write_json(tmp / "config.json", {"model": str(model), "concepts": [asdict(c) for c in concepts],
+                                                **asdict(cfg)})
+        metrics = {"train_seconds": round(seconds, 1), "loss_first": hist["loss"][0], "loss_last": hist["loss"][-1]}
+        values = [concept_value(c) for c in concepts]
+        if (evaluate if evaluate is not None else str(model) == "shapes") and all(values):
+            metrics.update(evaluate_concepts(pipe, load_pipeline(model), tokens, values))
+        write_metrics(tmp, metrics)
+    return metrics
+
+
+def merge_runs(model, runs: list[Path], out: Path, reg_prompts: list[str] | None = None) -> dict:
+    """Merge single-concept runs in closed form into `out` (only the changed K/V matrices are saved)."""
+    from difflab.core.runs import output_folder, write_metrics
+    from difflab.models import load_pipeline
+    from difflab.world.dataset import training_set
+    pipe = load_pipeline(model)
+    if reg_prompts is None:   # the base model's own captions: what the merge must leave alone
+        reg_prompts = sorted({it.caption for it in training_set(2000)})[:200]
+    tokens, info = merge(pipe, runs, reg_prompts)
+    cfgs = [json.loads((Path(r) / CONFIG_NAME).read_text()) for r in runs]
+    with output_folder(Path(out)) as tmp:
+        save_weights(pipe, tmp, tokens, cfgs[0].get("params", "xattn_kv"), base=str(model),
+                     extra={"class_prompt": cfgs[0].get("class_prompt"), "merged_from": [str(r) for r in runs]})
+        write_metrics(tmp, info)
+    return {"tokens": tokens, **info}

@@ -207,3 +207,71 @@ def apply_erased(pipe, folder: Path) -> None:
         pipe.unet.load_state_dict(state)
     else:
         raise DifflabError(f"{folder} holds no erase result")
+
+
+def world_anchor_prompts(anchor: str, n: int = 24, seed: int = 0) -> list[str]:
+    """Varied shapes-world prompts that contain the anchor's noun ("a red shape at the top left")."""
+    from difflab.world.dataset import caption, sample
+    noun = anchor.split()[-1]
+    out = []
+    for it in sample(400, seed):
+        named = set(it.named) - {"shape"}
+        p = caption(it.factors, named)
+        if noun in p.split() and p not in out:
+            out.append(p)
+        if len(out) == n:
+            break
+    return out
+
+
+def evaluate_erase(pipe, base_pipe, target: str, anchor: str, n: int = 4, seed: int = 60_000) -> dict:
+    """On the shapes model: the target's rate on "a {color} {target}" before and after, the anchor's accuracy,
+    and neighbours: other shapes' accuracy and the colour on target prompts, before and after."""
+    from difflab.generate import generate_images
+    from difflab.models import load_oracle
+    from difflab.world.dataset import parse_prompt
+    from difflab.world.draw import FACTORS
+    from difflab.world.oracle import judge
+    oracle = load_oracle()
+    colors, shapes = FACTORS["color"][0], FACTORS["shape"][0]
+    tshape = parse_prompt(target).get("shape")
+    if tshape is None:
+        return {}
+    target_prompts = [f"a {c} {tshape}" for c in colors]
+    others = [f"a {c} {s}" for c in colors[:3] for s in shapes if s != tshape]
+    out = {}
+    for name, p in (("before", base_pipe), ("after", pipe)):
+        imgs, recs = generate_images(p, target_prompts, n=n, seed=seed, progress=False)
+        preds = oracle.predict(imgs)
+        out[f"target_rate_{name}"] = sum(q["shape"] == tshape for q in preds) / len(preds)
+        out[f"target_color_accuracy_{name}"] = judge(preds, [parse_prompt(r["prompt"]) for r in recs])["accuracy"]["color"]
+        imgs, recs = generate_images(p, others, n=n, seed=seed, progress=False)
+        out[f"other_shapes_accuracy_{name}"] = judge(oracle.predict(imgs),
+                                                     [parse_prompt(r["prompt"]) for r in recs])["accuracy"]["shape"]
+    return out
+
+
+def erase_run(model, target: str, anchor: str, out: Path, cfg: EraseConfig | None = None,
+              anchor_prompts: list[str] | None = None) -> dict:
+    """Ablate `target` towards `anchor` on `model` and write the run folder (weights, config, metrics)."""
+    import time
+    from dataclasses import asdict
+
+    from difflab.core.runs import atomic_write_json, output_folder, write_metrics
+    from difflab.models import load_pipeline
+    cfg = cfg or EraseConfig()
+    if anchor_prompts is None and str(model) == "shapes":
+        anchor_prompts = world_anchor_prompts(anchor)
+    pipe = load_pipeline(model)
+    t0 = time.time()
+    with output_folder(Path(out)) as tmp:
+        hist = ablate(pipe, target, anchor, cfg, anchor_prompts)
+        metrics = {"train_seconds": round(time.time() - t0, 1), "loss_first": hist["loss"][0],
+                   "loss_last": hist["loss"][-1]}
+        save_erased(pipe, tmp, cfg, target, anchor, base=str(model))
+        atomic_write_json(tmp / "config.json", {"model": str(model), "target": target, "anchor": anchor,
+                                                "anchor_prompts": anchor_prompts, **asdict(cfg)})
+        if str(model) == "shapes":
+            metrics.update(evaluate_erase(pipe, load_pipeline(model), target, anchor))
+        write_metrics(tmp, metrics)
+    return metrics

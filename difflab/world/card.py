@@ -54,7 +54,7 @@ Trained from scratch by difflab's own code on the shapes world's fixed training 
 (`difflab.world.training_set()`: 60,000 images, seed 0). Everything here is reproducible from the command.
 
 - **Command:** `{command}`
-- **Seeds:** training set 0, VAE 0, oracle 1, CLIP 2, UNet + text encoder 3 (see `difflab/world/train.py`)
+- **Seeds:** training set 0, VAE 0, oracle 1, CLIP 2, UNet + text encoder 3, decoder 4 (`difflab/world/train.py`)
 - **Hardware:** {_hardware()}
 - **Written:** {time.strftime('%Y-%m-%d')}; {scores['size_mb']} MB in all
 
@@ -62,14 +62,16 @@ Trained from scratch by difflab's own code on the shapes world's fixed training 
 |---|---|---|
 {stages}
 
-Stages ran two at a time (vae beside oracle, then unet beside clip), one core each. The sequential sum is the
-time one core would need.
+Stages ran two at a time, one core each (vae beside oracle, then unet beside clip and, after it, the decoder
+fine-tune); the wall-clock time is therefore about the vae and unet rows together, while the sum of all rows is
+what one core alone would need. A rerun of the same commands reproduces these weights exactly on this CPU.
 
 ## Parts
 - `pipeline/`: a `diffusers.StableDiffusionPipeline`: AutoencoderKL (32x32x3 <-> 8x8x4),
   UNet2DConditionModel (32, 64, 64), a 3-layer CLIPTextModel (hidden 64) trained with the UNet, a CLIP BPE
-  tokenizer with a small vocabulary, DDIM (cosine schedule, leading spacing). VAE PSNR on held-out-inclusive
-  images: {report.get('vae', {}).get('vae_psnr_db', float('nan')):.1f} dB.
+  tokenizer with a small vocabulary, DDIM (cosine schedule, leading spacing). VAE PSNR on 1,000 fresh images
+  (held-out values included): {report.get('vae', {}).get('vae_psnr_db', float('nan')):.1f} dB after VAE training,
+  {report.get('decoder', {}).get('vae_psnr_db_after_decoder', float('nan')):.1f} dB after the decoder fine-tune.
 - `oracle/`: a CNN reading all six factors. Accuracy on 5,000 fresh procedural images: {oracle_acc}.
 - `clip/`: a tiny `transformers.CLIPModel` (ViT 4x4 patches, 4 layers; text 3 layers) trained contrastively on
   the training set, the offline feature extractor of later methods.
