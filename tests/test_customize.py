@@ -107,3 +107,41 @@ def test_merge_two_runs(tiny_pipeline_dir, tmp_path):
         cfg = json.loads((runs[1] / "adapter_config.json").read_text())
         (runs[1] / "adapter_config.json").write_text(json.dumps({**cfg, "base": "other"}))
         merge(_pipe(tiny_pipeline_dir), runs, ["a shape"])
+
+
+def test_customize_cli_run_folder_and_adapter(tiny_pipeline_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from difflab.cli import main
+    imgs = _images(tmp_path)
+    r = CliRunner()
+    res = r.invoke(main, ["customize", "--model", str(tiny_pipeline_dir), "--images", str(imgs), "--token", "<new1>",
+                          "--class-prompt", "a shape", "--steps", "4", "--num-class-images", "2", "--out",
+                          str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    for f in ("pytorch_custom_diffusion_weights.safetensors", "<new1>.safetensors", "metrics.json", "config.json"):
+        assert (tmp_path / "run" / f).exists(), f
+    res = r.invoke(main, ["generate", "--model", str(tiny_pipeline_dir), "--prompt", "a <new1> shape", "--steps", "2",
+                          "--adapter", str(tmp_path / "run"), "--out", str(tmp_path / "gen")])
+    assert res.exit_code == 0, res.output
+    bad = r.invoke(main, ["customize", "--model", str(tiny_pipeline_dir), "--images", str(tmp_path / "nothing"),
+                          "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "not a folder" in bad.output and not (tmp_path / "bad").exists()
+    (tmp_path / "empty").mkdir()
+    bad = r.invoke(main, ["customize", "--model", str(tiny_pipeline_dir), "--images", str(tmp_path / "empty"),
+                          "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "holds no images" in bad.output
+
+
+def test_erase_cli(tiny_pipeline_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from difflab.cli import main
+    (tmp_path / "anchors.txt").write_text("a red shape\na blue shape\n")
+    res = CliRunner().invoke(main, ["erase", "--model", str(tiny_pipeline_dir), "--target", "a star", "--anchor",
+                                    "a shape", "--anchor-prompts", str(tmp_path / "anchors.txt"), "--steps", "3",
+                                    "--out", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "e" / "pytorch_custom_diffusion_weights.safetensors").exists()
