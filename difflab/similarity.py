@@ -31,50 +31,72 @@ WEIGHTS_FILE = "dreamsim.safetensors"
 LORA_TARGETS = {"clip": ["q_proj", "k_proj", "v_proj"], "vit": ["query", "key", "value"]}
 
 
+class ClipVision(nn.Module):
+    """A CLIP image tower: CLS after the post-LayerNorm (`ln_post`), times the visual projection."""
+
+    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module):
+        super().__init__()
+        self.vision_model, self.visual_projection = vision_model, visual_projection
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
+
+
 class Backbone(nn.Module):
     """One vision tower: [0, 1] images -> resize (bicubic) -> normalise -> CLS feature."""
 
     def __init__(self, model: nn.Module, kind: str, image_size: int, mean, std, source: str):
         super().__init__()
+        if kind == "clip" and not isinstance(model, ClipVision):
+            model = ClipVision(model.vision_model, model.visual_projection)
         self.model, self.kind, self.image_size, self.source = model, kind, image_size, source
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def dim(self) -> int:
-        cfg = self.model.config
-        return cfg.projection_dim if self.kind == "clip" else cfg.hidden_size
+        if self.kind == "clip":
+            return self.model.visual_projection.out_features
+        return self.model.config.hidden_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
         x = (x - self.mean) / self.std
         if self.kind == "clip":
-            return self.model(pixel_values=x).image_embeds
+            return self.model(x)
         out = self.model(pixel_values=x, output_hidden_states=True)
-        return out.hidden_states[-1][:, 0]
+        return out.hidden_states[-1][:, 0]   # DINO: the last block's CLS, before the final LayerNorm
+
+
+def _load_clip_tower(path: str):
+    """The image tower of a CLIPModel folder (text tower dropped) or of a CLIPVisionModelWithProjection."""
+    from transformers import AutoConfig, CLIPModel, CLIPVisionModelWithProjection
+    if AutoConfig.from_pretrained(path).model_type == "clip":
+        m = CLIPModel.from_pretrained(path)
+        return ClipVision(m.vision_model, m.visual_projection), m.config.vision_config.image_size
+    m = CLIPVisionModelWithProjection.from_pretrained(path)
+    return ClipVision(m.vision_model, m.visual_projection), m.config.image_size
 
 
 def load_backbone(name_or_path: str) -> Backbone:
     """"shapes-clip" (shipped), or a transformers CLIP / DINO / DINOv2 / ViT folder or hub id."""
-    from transformers import AutoConfig, AutoModel, CLIPVisionModelWithProjection
+    from transformers import AutoConfig, AutoModel
     if name_or_path == SHAPES_CLIP:
         from difflab.models import shapes_dir
-        path = str(shapes_dir("clip"))
-        m = CLIPVisionModelWithProjection.from_pretrained(path)
-        return Backbone(m, "clip", m.config.image_size, (0.5,) * 3, (0.5,) * 3, SHAPES_CLIP)
+        tower, size = _load_clip_tower(str(shapes_dir("clip")))
+        return Backbone(tower, "clip", size, (0.5,) * 3, (0.5,) * 3, SHAPES_CLIP)
     try:
         cfg = AutoConfig.from_pretrained(name_or_path)
         if cfg.model_type in ("clip", "clip_vision_model"):
-            m = CLIPVisionModelWithProjection.from_pretrained(name_or_path)
-            kind, mean, std = "clip", CLIP_MEAN, CLIP_STD
-        else:
-            m = AutoModel.from_pretrained(name_or_path)
-            kind, mean, std = "vit", IMAGENET_MEAN, IMAGENET_STD
+            tower, size = _load_clip_tower(name_or_path)
+            return Backbone(tower, "clip", size, CLIP_MEAN, CLIP_STD, str(name_or_path))
+        m = AutoModel.from_pretrained(name_or_path)
     except Exception as e:
         raise DifflabError(f"could not load backbone {name_or_path!r}: {str(e).splitlines()[0][:200]}") from e
     size = getattr(m.config, "image_size", 224)
-    return Backbone(m, kind, size if isinstance(size, int) else size[0], mean, std, str(name_or_path))
+    return Backbone(m, "vit", size if isinstance(size, int) else size[0], IMAGENET_MEAN, IMAGENET_STD,
+                    str(name_or_path))
 
 
 class DreamSim(nn.Module):
@@ -96,8 +118,14 @@ class DreamSim(nn.Module):
     def image_size(self) -> int:
         return self.backbones[0].image_size
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbones' concatenated CLS features, before the head and the normalisation."""
+        return torch.cat([b(x) for b in self.backbones], dim=-1)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        e = torch.cat([b(x) for b in self.backbones], dim=-1)
+        return self.head(self.features(x))
+
+    def head(self, e: torch.Tensor) -> torch.Tensor:
         if self.mlp is not None:
             e = self.mlp(e) + e
         if self.normalize_embeds:   # centre, then unit norm (dreamsim >= b526fd1): distance = 1 - Pearson r
@@ -316,6 +344,11 @@ def train_dreamsim(model: DreamSim, triplets: list[dict], mode: str = "lora", st
     for p in params.values():
         p.requires_grad_(True)
     ref, x0, x1, p1 = _load_triplet_tensors(triplets, model.image_size)
+    if mode == "mlp":   # frozen backbones: their features are computed once, only the head runs per step
+        with torch.no_grad():
+            ref, x0, x1 = (torch.cat([model.features(t[i:i + 512]) for i in range(0, len(t), 512)])
+                           for t in (ref, x0, x1))
+    embed = model.head if mode == "mlp" else model.embed
 
     def batch_fn(i):
         idx = torch.from_numpy(np.random.default_rng([seed, i]).integers(0, len(ref), batch_size))
@@ -323,7 +356,7 @@ def train_dreamsim(model: DreamSim, triplets: list[dict], mode: str = "lora", st
 
     def loss_fn(b):
         r, a0, a1, p = b
-        e = model.embed(torch.cat([r, a0, a1]))
+        e = embed(torch.cat([r, a0, a1]))
         er, e0, e1 = e.chunk(3)
         d0 = 1 - F.cosine_similarity(er, e0, dim=-1)
         d1 = 1 - F.cosine_similarity(er, e1, dim=-1)

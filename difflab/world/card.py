@@ -54,7 +54,7 @@ Trained from scratch by difflab's own code on the shapes world's fixed training 
 (`difflab.world.training_set()`: 60,000 images, seed 0). Everything here is reproducible from the command.
 
 - **Command:** `{command}`
-- **Seeds:** training set 0, VAE 0, oracle 1, CLIP 2, UNet + text encoder 3, decoder 4 (`difflab/world/train.py`)
+- **Seeds:** training set 0, VAE 0, oracle 1, CLIP 2, UNet 3, decoder 4 (`difflab/world/train.py`)
 - **Hardware:** {_hardware()}
 - **Written:** {time.strftime('%Y-%m-%d')}; {scores['size_mb']} MB in all
 
@@ -68,8 +68,9 @@ what one core alone would need. A rerun of the same commands reproduces these we
 
 ## Parts
 - `pipeline/`: a `diffusers.StableDiffusionPipeline`: AutoencoderKL (32x32x3 <-> 8x8x4),
-  UNet2DConditionModel (32, 64, 64), a 3-layer CLIPTextModel (hidden 64) trained with the UNet, a CLIP BPE
-  tokenizer with a small vocabulary, DDIM (cosine schedule, leading spacing). VAE PSNR on 1,000 fresh images
+  UNet2DConditionModel (32, 64, 64), the text tower of the shapes CLIP below as a frozen CLIPTextModel
+  (3 layers, hidden 64; as Stable Diffusion conditions on a frozen CLIP), a CLIP BPE tokenizer with a small
+  vocabulary, DDIM (cosine schedule, leading spacing). VAE PSNR on 1,000 fresh images
   (held-out values included): {report.get('vae', {}).get('vae_psnr_db', float('nan')):.1f} dB after VAE training,
   {report.get('decoder', {}).get('vae_psnr_db_after_decoder', float('nan')):.1f} dB after the decoder fine-tune.
 - `oracle/`: a CNN reading all six factors. Accuracy on 5,000 fresh procedural images: {oracle_acc}.

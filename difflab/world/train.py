@@ -239,62 +239,77 @@ def train_clip(out: Path, steps: int, seed: int = 2, batch: int = 256) -> dict:
     return {}
 
 
-def build_unet_and_text_encoder(tok):
+def build_unet() -> "UNet2DConditionModel":
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    unet = UNet2DConditionModel(**UNET_CONFIG)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **TEXT_CONFIG))
-    return unet, te
+    return UNet2DConditionModel(**UNET_CONFIG)
+
+
+def clip_text_encoder(out: Path):
+    """The text tower of the trained shapes CLIP as a standalone CLIPTextModel (the pipeline's text encoder)."""
+    from transformers import CLIPModel, CLIPTextModel
+    clip = CLIPModel.from_pretrained(out / "clip" / "final")
+    te = CLIPTextModel(clip.config.text_config)
+    te.load_state_dict(clip.text_model.state_dict())   # transformers 5: same module names, no text_model level
+    return te.eval()
 
 
 def train_unet(out: Path, steps: int, seed: int = 3, batch: int = 64, caption_dropout: float = 0.1) -> dict:
-    """The UNet and its text encoder, jointly, on cached VAE latents: the epsilon loss with 10% empty captions
-    (for classifier-free guidance), AdamW, EMA 0.999."""
+    """The UNet on cached VAE latents and cached text embeddings of the frozen CLIP text tower (as Stable
+    Diffusion conditions on a frozen CLIP): the epsilon loss with 10% empty captions (for classifier-free
+    guidance), AdamW, EMA 0.999.
+
+    Why frozen CLIP text: trained jointly from scratch with the UNet, the text encoder never separated the
+    position words ("top left" and "bottom right" ended 0.6 apart against 4.5 for "red"/"blue"), and position
+    stayed at chance after 5,000 steps; the contrastively trained tower separates them (its zero-shot position
+    accuracy is 96%), and caching its embeddings makes each step cheaper.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler
+    from safetensors.torch import load_file, save_file
     torch.manual_seed(seed)
     tok = build_tokenizer()
-    unet, te = build_unet_and_text_encoder(tok)
+    unet = build_unet()
+    te = clip_text_encoder(out)
     vae = AutoencoderKL.from_pretrained(out / "vae" / "final").eval()
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one",)})
     items = dataset.training_set()
     lat_path = out / "cache" / "latents.pt.safetensors"
     if lat_path.exists():
-        from safetensors.torch import load_file
         z_all = load_file(lat_path)["z"]
     else:
         x_all = _images_tensor(training_images(out / "cache"))
         with torch.no_grad():
             z_all = torch.cat([vae.encode(x_all[i:i + 500]).latent_dist.mean for i in range(0, len(x_all), 500)])
         z_all = z_all * vae.config.scaling_factor
-        from safetensors.torch import save_file
         save_file({"z": z_all.contiguous()}, lat_path)
-    ids = tok([it.caption for it in items], padding="max_length", max_length=tok.model_max_length,
-              return_tensors="pt").input_ids
-    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    # every distinct caption (and the empty one, index 0) embedded once
+    texts = [""] + sorted({it.caption for it in items})
+    index = {t: i for i, t in enumerate(texts)}
+    cap_idx = torch.tensor([index[it.caption] for it in items])
+    with torch.no_grad():
+        emb = torch.cat([te(tok(texts[i:i + 1000], padding="max_length", max_length=tok.model_max_length,
+                                return_tensors="pt").input_ids).last_hidden_state for i in range(0, len(texts), 1000)])
 
     def batch_fn(i):
         r = _rng(seed, i)
         idx = torch.from_numpy(r.integers(0, len(items), batch))
-        t_ids = ids[idx].clone()
-        t_ids[torch.from_numpy(r.random(batch) < caption_dropout)] = empty[0]
+        c = cap_idx[idx].clone()
+        c[torch.from_numpy(r.random(batch) < caption_dropout)] = 0
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        return z_all[idx], t_ids, g
+        return z_all[idx], emb[c], g
 
     def loss_fn(b):
-        z, t_ids, g = b
-        return diffusion_loss(unet, sched, z, te(t_ids).last_hidden_state, generator=g), {}
+        z, c, g = b
+        return diffusion_loss(unet, sched, z, c, generator=g), {}
 
     params = {f"unet.{k}": v for k, v in unet.named_parameters()}
-    params.update({f"text_encoder.{k}": v for k, v in te.named_parameters()})
     cfg = TrainConfig(steps=steps, lr=7e-4, warmup_steps=200, lr_schedule="cosine", checkpoint_every=500,
                       seed=seed, desc="unet", ema_decay=0.999, weight_decay=0.0)
     d = out / "unet"
     d.mkdir(parents=True, exist_ok=True)
-    train(params, loss_fn, batch_fn, cfg, out=d, modules=[unet, te], on_log=_log_to(d / "log.jsonl"))
+    train(params, loss_fn, batch_fn, cfg, out=d, modules=[unet], on_log=_log_to(d / "log.jsonl"))
     unet.save_pretrained(d / "final" / "unet")
     te.save_pretrained(d / "final" / "text_encoder")
-    return {}
+    return {"distinct_captions": len(texts) - 1}
 
 
 def assemble(out: Path, dest: Path) -> None:
