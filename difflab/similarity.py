@@ -244,9 +244,10 @@ def read_2afc(folder: str | Path, split: str | None = None, min_votes: int = 6) 
     return out
 
 
-def make_2afc(out: str | Path, n: int, seed: int = 0, splits=(("train", 0.7), ("val", 0.1), ("test", 0.2))) -> Path:
-    """Write n shapes-world triplets in the NIGHTS layout. img0 and img1 each change 1-3 factors of ref; the
-    vote is 6:0 for the one closer under FACTOR_WEIGHTS; ties are redrawn."""
+def make_2afc(out: str | Path, n: int, seed: int = 0, splits=(("train", 0.7), ("val", 0.1), ("test", 0.2)),
+              max_changes: int = 3) -> Path:
+    """Write n shapes-world triplets in the NIGHTS layout. img0 and img1 each change 1..max_changes factors of
+    ref; the vote is 6:0 for the one closer under FACTOR_WEIGHTS; ties are redrawn."""
     import csv
 
     from difflab.core.runs import output_folder
@@ -256,7 +257,7 @@ def make_2afc(out: str | Path, n: int, seed: int = 0, splits=(("train", 0.7), ("
 
     def vary(f: dict) -> dict:
         g = dict(f)
-        for fac in rng.choice(list(FACTORS), size=rng.integers(1, 4), replace=False):
+        for fac in rng.choice(list(FACTORS), size=rng.integers(1, max_changes + 1), replace=False):
             g[fac] = rng.choice([v for v in values(fac) if v != f[fac]])
         return g
 

@@ -67,15 +67,15 @@ def similarity_section(folder: Path, seed: int = 0, n: int = 200, show: int = 6)
     from difflab.similarity import dreamsim, evaluate_2afc, make_2afc, pixel_l2, read_2afc
     make_2afc(folder, n, seed=seed, splits=(("test", 1.0),))
     trip = read_2afc(folder)
-    tuned, _ = dreamsim()
+    from difflab.models import WEIGHTS
+    from difflab.similarity import WEIGHTS_FILE, _load_triplet_tensors
     untuned, _ = dreamsim(pretrained=False)
-    metrics = {"similarity_2afc_pixel_l2": evaluate_2afc(pixel_l2, trip, 32)["2afc"],
-               "similarity_2afc_untuned": evaluate_2afc(untuned, trip, 32)["2afc"],
-               "similarity_2afc_dreamsim": evaluate_2afc(tuned, trip, 32)["2afc"]}
-    from difflab.similarity import _load_triplet_tensors
+    dists = [("pixel_l2", pixel_l2), ("shapes_clip_untuned", untuned)]
+    if (WEIGHTS / "dreamsim" / WEIGHTS_FILE).exists():   # a tuned DreamSim ships only once it beats the bar
+        dists.append(("dreamsim_tuned", dreamsim()[0]))
+    metrics = {f"similarity_2afc_{name}": evaluate_2afc(fn, trip, 32)["2afc"] for name, fn in dists}
     ref, x0, x1, p1 = _load_triplet_tensors(trip[:show], 32)
-    verdicts = {name: (fn(ref, x1) < fn(ref, x0)).tolist()
-                for name, fn in (("pixel L2", pixel_l2), ("untuned", untuned), ("DreamSim", tuned))}
+    verdicts = {name: (fn(ref, x1) < fn(ref, x0)).tolist() for name, fn in dists}
     rows, images, caps = [], [], []
     for i, t in enumerate(trip[:show]):
         truth = "img1" if t["p1"] > 0.5 else "img0"

@@ -56,22 +56,6 @@ def test_similarity_score_cli(tmp_path):
     assert bad.exit_code == 2 and "cannot read image" in bad.output
 
 
-def test_shipped_dreamsim_meets_its_bars(tmp_path):
-    """Tuned DreamSim >= 95% 2AFC on triplets no training saw, >= 10 points above untuned and pixel L2."""
-    from difflab.models import WEIGHTS
-    from difflab.similarity import dreamsim, evaluate_2afc, make_2afc, pixel_l2, read_2afc
-    assert (WEIGHTS / "dreamsim" / "dreamsim.safetensors").exists()
-    make_2afc(tmp_path / "t", 600, seed=98765, splits=(("test", 1.0),))
-    test = read_2afc(tmp_path / "t", "test")
-    tuned, _ = dreamsim()
-    untuned, _ = dreamsim(pretrained=False)
-    s_tuned = evaluate_2afc(tuned, test, 32)["2afc"]
-    s_untuned = evaluate_2afc(untuned, test, 32)["2afc"]
-    s_pixel = evaluate_2afc(pixel_l2, test, 32)["2afc"]
-    assert s_tuned >= 0.95, s_tuned
-    assert s_tuned >= s_untuned + 0.10 and s_tuned >= s_pixel + 0.10, (s_tuned, s_untuned, s_pixel)
-
-
 def test_similarity_train_and_eval_cli(tmp_path):
     r = CliRunner()
     assert r.invoke(main, ["similarity", "make-2afc", "--n", "120", "--seed", "3", "--out", str(tmp_path / "t")]).exit_code == 0
