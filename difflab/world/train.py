@@ -39,7 +39,7 @@ TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, n
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 
-DEFAULT_STEPS = {"vae": 2400, "oracle": 3000, "clip": 1500, "unet": 9000, "decoder": 3000}
+DEFAULT_STEPS = {"vae": 2400, "oracle": 3000, "clip": 1500, "unet": 11500, "decoder": 3000}
 
 
 def _images_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -343,10 +343,13 @@ def run(out: Path, stages=STAGES, steps: dict | None = None) -> dict:
         done = json.loads(report_path.read_text()) if report_path.exists() else {}
         if (out / s / "final").exists() and s in done and done[s]["steps"] >= steps[s]:
             continue   # finished earlier (perhaps in a process beside this one); delete DIR/<stage> to redo it
+        from difflab.core.trainer import latest_checkpoint
+        earlier = done.get(s, {}).get("seconds", 0.0) if latest_checkpoint(out / s) is not None else 0.0
         t0 = time.time()
         metrics = fns[s](out, steps[s])
         # re-read: a stage running beside this one in another process may have written its entry meanwhile
         report = json.loads(report_path.read_text()) if report_path.exists() else {}
-        report[s] = {"steps": steps[s], "seconds": round(time.time() - t0, 1), **metrics}
+        # a resumed or extended stage adds to the time it had already taken
+        report[s] = {"steps": steps[s], "seconds": round(earlier + time.time() - t0, 1), **metrics}
         atomic_write_json(report_path, report)
     return report
