@@ -35,6 +35,8 @@ def main():
     model and an oracle that knows the truth of every image) and on real Stable Diffusion checkpoints
     (hub id or local diffusers folder). Start with `difflab tour --out tour`.
     """
+    from difflab.models import quiet_loading
+    quiet_loading()   # per-component "Loading weights" bars would bury the one line (or JSON) a command prints
 
 
 # --- world --------------------------------------------------------------------------------------------------

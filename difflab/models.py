@@ -32,7 +32,7 @@ def _resolve_class(name_or_path: str):
     return getattr(diffusers, cls_name, diffusers.DiffusionPipeline)
 
 
-def _quiet_loading() -> None:
+def quiet_loading() -> None:
     """No per-component "Loading weights" bars: they bury the one line that matters (hub downloads keep theirs)."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
@@ -64,7 +64,7 @@ def load_pipeline(name_or_path: str | Path = SHAPES, device: str | torch.device 
         path, cls = name, diffusers.DiffusionPipeline   # hub id: the repo's model_index.json picks the class
     if cls in (diffusers.StableDiffusionPipeline, diffusers.DiffusionPipeline):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    _quiet_loading()
+    quiet_loading()
     try:
         pipe = cls.from_pretrained(path, **kwargs)
     except DifflabError:

@@ -294,7 +294,7 @@ def make_2afc(out: str | Path, n: int, seed: int = 0, splits=(("train", 0.7), ("
     return Path(out)
 
 
-def _load_triplet_tensors(triplets: list[dict], image_size: int) -> tuple[torch.Tensor, ...]:
+def load_triplets(triplets: list[dict], image_size: int) -> tuple[torch.Tensor, ...]:
     from difflab.core.data import load_image
     pre = make_preprocess(image_size)
 
@@ -307,7 +307,7 @@ def _load_triplet_tensors(triplets: list[dict], image_size: int) -> tuple[torch.
 def evaluate_2afc(distance, triplets: list[dict], image_size: int, batch_size: int = 256) -> dict:
     """2AFC score of a distance function (a, b) -> (B,) on [0, 1] images."""
     from difflab.metrics import two_afc
-    ref, x0, x1, p1 = _load_triplet_tensors(triplets, image_size)
+    ref, x0, x1, p1 = load_triplets(triplets, image_size)
     d0, d1 = [], []
     for i in range(0, len(ref), batch_size):
         d0.append(distance(ref[i:i + batch_size], x0[i:i + batch_size]))
@@ -344,7 +344,7 @@ def train_dreamsim(model: DreamSim, triplets: list[dict], mode: str = "lora", st
         raise DifflabError(f"unknown training mode {mode!r}: use lora or mlp")
     for p in params.values():
         p.requires_grad_(True)
-    ref, x0, x1, p1 = _load_triplet_tensors(triplets, model.image_size)
+    ref, x0, x1, p1 = load_triplets(triplets, model.image_size)
     if mode == "mlp":   # frozen backbones: their features are computed once, only the head runs per step
         with torch.no_grad():
             ref, x0, x1 = (torch.cat([model.features(t[i:i + 512]) for i in range(0, len(t), 512)])

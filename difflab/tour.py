@@ -74,13 +74,13 @@ def similarity_section(folder: Path, seed: int = 0, n: int = 200, show: int = 6)
     make_2afc(folder, n, seed=seed, splits=(("test", 1.0),))
     trip = read_2afc(folder)
     from difflab.models import WEIGHTS
-    from difflab.similarity import WEIGHTS_FILE, _load_triplet_tensors
+    from difflab.similarity import WEIGHTS_FILE, load_triplets
     untuned, _ = dreamsim(pretrained=False)
     dists = [("pixel_l2", pixel_l2), ("shapes_clip_untuned", untuned)]
     if (WEIGHTS / "dreamsim" / WEIGHTS_FILE).exists():   # a tuned DreamSim ships only once it beats the bar
         dists.append(("dreamsim_tuned", dreamsim()[0]))
     metrics = {f"similarity_2afc_{name}": evaluate_2afc(fn, trip, 32)["2afc"] for name, fn in dists}
-    ref, x0, x1, p1 = _load_triplet_tensors(trip[:show], 32)
+    ref, x0, x1, p1 = load_triplets(trip[:show], 32)
     verdicts = {name: (fn(ref, x1) < fn(ref, x0)).tolist() for name, fn in dists}
     rows, images, caps = [], [], []
     for i, t in enumerate(trip[:show]):

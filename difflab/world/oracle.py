@@ -107,12 +107,10 @@ def judge_folder(folder, oracle: "Oracle | None" = None, aliases: dict[str, str]
     from difflab.world.dataset import parse_prompt
     folder = Path(folder)
     records = read_metadata(folder)
-    images = load_folder_images(folder, records, size=None)
     if oracle is None:
         from difflab.models import load_oracle
         oracle = load_oracle()
-    res_px = oracle.config.resolution
-    images = [im if im.size == (res_px, res_px) else im.resize((res_px, res_px)) for im in images]
+    images = load_folder_images(folder, records, size=oracle.config.resolution)
     preds = oracle.predict(images)
     named = [parse_prompt(text_of(r), aliases) for r in records]
     result = judge(preds, named)

@@ -58,6 +58,14 @@ def training_images(cache: Path, n: int = dataset.TRAIN_SIZE, seed: int = datase
     return arr
 
 
+@torch.no_grad()
+def heldout_psnr(vae, n: int = 1000, seed: int = 12345) -> float:
+    """Reconstruction PSNR (dB, images in [-1, 1]) on n fresh images, held-out values included."""
+    held = _images_tensor(dataset.render_array(dataset.sample(n, seed, include_heldout=True)))
+    rec = vae.decode(vae.encode(held).latent_dist.mean).sample.clamp(-1, 1)
+    return float(10 * torch.log10(4.0 / F.mse_loss(rec, held)))
+
+
 def _rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step])
 
@@ -97,9 +105,7 @@ def train_vae(out: Path, steps: int, seed: int = 0, batch: int = 32) -> dict:
     with torch.no_grad():   # SD's scaling_factor makes latents unit-variance for the UNet
         z = torch.cat([vae.encode(x_all[i:i + 500]).latent_dist.mean for i in range(0, 5000, 500)])
         vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-        held = _images_tensor(dataset.render_array(dataset.sample(1000, 12345, include_heldout=True)))
-        rec = vae.decode(vae.encode(held).latent_dist.mean).sample.clamp(-1, 1)
-        psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec, held)))
+    psnr = heldout_psnr(vae)
     vae.save_pretrained(d / "final")
     return {"vae_psnr_db": psnr, "vae_scaling_factor": vae.config.scaling_factor}
 
@@ -138,10 +144,7 @@ def train_decoder(out: Path, steps: int, seed: int = 4, batch: int = 32) -> dict
     d.mkdir(parents=True, exist_ok=True)
     train(params, loss_fn, batch_fn, cfg, out=d, modules=[vae], on_log=_log_to(d / "log.jsonl"))
     vae.eval()
-    with torch.no_grad():
-        held = _images_tensor(dataset.render_array(dataset.sample(1000, 12345, include_heldout=True)))
-        rec = vae.decode(vae.encode(held).latent_dist.mean).sample.clamp(-1, 1)
-        psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec, held)))
+    psnr = heldout_psnr(vae)
     vae.save_pretrained(d / "final")
     return {"vae_psnr_db_after_decoder": psnr}
 
