@@ -1,9 +1,11 @@
 """DreamSim on the shapes world: 2AFC of every variant on a test split no training saw, and throughput.
 
     python benchmarks/bench_similarity.py [--n 3000] [--steps 1500] [--threads 2] [--out bench-sim]
+        [--full-steps 3000 --world 20000]
 
-Makes a shapes 2AFC set (NIGHTS layout), trains the LoRA and MLP variants on its train split, and prints a
-markdown table: pixel L2, the untuned shapes-CLIP embedding, MLP head, LoRA; plus embedding images/s.
+Makes a shapes 2AFC set (NIGHTS layout), trains the LoRA and MLP variants on its train split (and, with
+--full-steps, every backbone weight on the train split plus --world fresh in-memory triplets), and prints a
+markdown table: pixel L2, the untuned shapes-CLIP embedding, each tuned variant; plus embedding images/s.
 """
 import argparse
 import json
@@ -23,6 +25,8 @@ def main():
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("bench-sim"))
+    ap.add_argument("--full-steps", type=int, default=0)
+    ap.add_argument("--world", type=int, default=20000)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     trip = a.out / "triplets"
@@ -36,6 +40,11 @@ def main():
         t = time.time()
         res = train_and_save(trip, a.out / mode, mode=mode, steps=a.steps, progress=False)
         rows.append((f"DreamSim {mode}", res["test_2afc"], f"{time.time() - t:.0f} s"))
+    if a.full_steps:
+        t = time.time()
+        res = train_and_save(trip, a.out / "full", mode="full", steps=a.full_steps, batch_size=32, lr=3e-4,
+                             world=a.world, progress=False)
+        rows.append((f"DreamSim full, +{a.world} world triplets", res["test_2afc"], f"{time.time() - t:.0f} s"))
     model = DreamSim.from_pretrained(a.out / "lora")
     x = torch.rand(256, 3, 32, 32)
     with torch.no_grad():

@@ -150,10 +150,14 @@ def generate(model, prompts, prompts_file, n, seed, steps, guidance, adapters, d
               help="Cross-attention K/V (the paper's default) or all of cross-attention.")
 @click.option("--num-class-images", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--no-augment", is_flag=True, help="Turn off the random-rescale augmentation.")
+@click.option("--token-lr", type=float, default=None,
+              help="The modifier token rows' own learning rate (default: --lr, as the paper).")
+@click.option("--reg-prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A text file of more prompts (one per line) for the class images, cycled with the class prompt.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def customize(model, images, tokens, class_prompts, concepts_file, steps, lr, batch_size, params,
-              num_class_images, no_augment, seed, out):
+              num_class_images, no_augment, token_lr, reg_prompts, seed, out):
     """Custom Diffusion: teach the model new concepts from a few images (K/V + a modifier token each).
 
     OUT gets the weights in diffusers' Custom Diffusion format, config.json and metrics.json (on the shapes
@@ -174,8 +178,9 @@ def customize(model, images, tokens, class_prompts, concepts_file, steps, lr, ba
         if not len(images) == len(tokens) == len(class_prompts):
             raise DifflabError("give one --token and one --class-prompt per --images")
         concepts = [Concept(str(i), t, c) for i, t, c in zip(images, tokens, class_prompts)]
+    reg = [line.strip() for line in reg_prompts.read_text().splitlines() if line.strip()] if reg_prompts else []
     cfg = CustomizeConfig(steps=steps, lr=lr, batch_size=batch_size, params=params, num_class_images=num_class_images,
-                          augment=not no_augment, seed=seed)
+                          augment=not no_augment, seed=seed, token_lr=token_lr, reg_prompts=reg)
     click.echo(json.dumps(run(model, concepts, out, cfg), indent=2))
 
 
@@ -264,7 +269,8 @@ def similarity_score(img1, img2, model_dir):
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--backbone", "backbones", multiple=True, default=["shapes-clip"], show_default=True,
               help="Backbones of the ensemble (repeatable).")
-@click.option("--mode", type=click.Choice(["lora", "mlp"]), default="lora", show_default=True)
+@click.option("--mode", type=click.Choice(["lora", "mlp", "full"]), default="lora", show_default=True,
+              help="LoRA on the backbones (DreamSim), an MLP head on frozen features, or every backbone weight.")
 @click.option("--steps", type=click.IntRange(1), default=1500, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--lr", type=float, default=3e-4, show_default=True)
@@ -272,11 +278,14 @@ def similarity_score(img1, img2, model_dir):
 @click.option("--lora-alpha", type=float, default=8, show_default=True)
 @click.option("--lora-dropout", type=float, default=0.3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def similarity_train(triplets, out, backbones, mode, steps, batch_size, lr, lora_r, lora_alpha, lora_dropout, seed):
+@click.option("--world", type=click.IntRange(0), default=0, show_default=True,
+              help="Add this many fresh shapes-world triplets, rendered in memory, to the train split.")
+def similarity_train(triplets, out, backbones, mode, steps, batch_size, lr, lora_r, lora_alpha, lora_dropout, seed,
+                     world):
     """Fine-tune DreamSim on the train split (hinge loss, margin 0.05) and report 2AFC on val and test."""
     from difflab.similarity import train_and_save
     res = train_and_save(triplets, out, list(backbones), mode, steps, batch_size, lr,
-                         {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout}, seed)
+                         {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout}, seed, world=world)
     click.echo(json.dumps(res, indent=2))
 
 
@@ -299,10 +308,12 @@ def similarity_eval(triplets, model_dir, baseline, split, out):
 @click.option("--model", default="shapes", show_default=True)
 @click.option("--n", "n", type=click.IntRange(1), default=4, show_default=True, help="Images per prompt.")
 @click.option("--seed", type=int, default=1000, show_default=True)
-def tour(out, model, n, seed):
+@click.option("--train-steps", type=click.IntRange(0), default=400, show_default=True,
+              help="Steps of the customize and erase demos (0 skips them; shapes model only).")
+def tour(out, model, n, seed, train_steps):
     """The main job: sample the world, generate a prompt grid, judge it, write OUT/report.html."""
     from difflab.tour import run_tour
-    metrics = run_tour(out, model=model, n=n, seed=seed)
+    metrics = run_tour(out, model=model, n=n, seed=seed, train_steps=train_steps)
     click.echo(json.dumps(metrics, indent=2))
     click.echo(f"open {out / 'report.html'}")
 

@@ -46,9 +46,12 @@ class Concept:
 class CustomizeConfig:
     steps: int = 250
     lr: float = 1e-4
+    token_lr: float | None = None     # the modifier-token rows' own lr (None: `lr`, as the paper)
     batch_size: int = 4               # instance images per step (and as many class images)
     params: str = "xattn_kv"          # or "xattn": all of cross-attention
     num_class_images: int = 64
+    reg_prompts: list[str] = field(default_factory=list)   # more prompts for the class images (cycled with
+                                                           # the class prompt; their captions go with them)
     prior_weight: float = 1.0
     augment: bool = True
     class_steps: int = 25
@@ -207,18 +210,20 @@ def _load_concept_images(c: Concept, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def class_latents(pipe, prompt: str, n: int, cfg: CustomizeConfig, cache: Path | None) -> torch.Tensor:
-    """Latents of n images the base model generates from the class prompt (the regularisation set; the
-    paper's retrieval service is gone). Cached as safetensors in the run folder."""
+def class_latents(pipe, prompts: list[str], n: int, cfg: CustomizeConfig, cache: Path | None) -> torch.Tensor:
+    """Latents of n images the base model generates, cycling through `prompts` (the regularisation set; the
+    paper's retrieval service is gone). Image i has prompt prompts[i % len(prompts)]. Cached as safetensors."""
     from safetensors.torch import load_file, save_file
 
     from difflab.core.data import encode_latents, to_pixels
     from difflab.generate import generate_images
     if cache is not None and cache.exists():
         return load_file(cache)["z"]
-    images, _ = generate_images(pipe, [prompt], n=n, seed=cfg.seed + 1_000_000, steps=cfg.class_steps,
-                                guidance=cfg.class_guidance, progress=cfg.progress)
-    z = encode_latents(pipe.vae, to_pixels(images))
+    per = -(-n // len(prompts))
+    images, recs = generate_images(pipe, prompts, n=per, seed=cfg.seed + 1_000_000, steps=cfg.class_steps,
+                                   guidance=cfg.class_guidance, progress=cfg.progress)
+    order = sorted(range(len(recs)), key=lambda i: (i % per, i // per))[:n]   # interleave: prompt i % len
+    z = encode_latents(pipe.vae, to_pixels([images[i] for i in order]))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_file({"z": z.contiguous()}, cache)
@@ -237,8 +242,9 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     data = [_load_concept_images(c, size) for c in concepts]
     prompts = [c.prompt() for c in concepts]
-    z_class = [class_latents(pipe, c.class_prompt, cfg.num_class_images, cfg,
-                             work / "class" / f"{i}.safetensors" if work else None) for i, c in enumerate(concepts)]
+    class_prompts = [[c.class_prompt] + list(cfg.reg_prompts) for c in concepts]
+    z_class = [class_latents(pipe, cp, cfg.num_class_images, cfg, work / "class" / f"{i}.safetensors" if work else None)
+               for i, cp in enumerate(class_prompts)]
     ids = add_tokens(pipe, [c.token for c in concepts])
     from diffusers import DDPMScheduler
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -260,7 +266,7 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
     def batch_fn(i):
         rng = np.random.default_rng([cfg.seed, i])
         xs, masks, texts, zc, ctexts = [], [], [], [], []
-        for c, x_all, p, z in zip(concepts, data, prompts, z_class):
+        for c, x_all, p, z, cp in zip(concepts, data, prompts, z_class, class_prompts):
             for _ in range(cfg.batch_size):
                 x = x_all[rng.integers(len(x_all))]
                 if cfg.augment:
@@ -270,8 +276,9 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
                 xs.append(x)
                 masks.append(m)
                 texts.append(prefix + p)
-                zc.append(z[rng.integers(len(z))])
-                ctexts.append(c.class_prompt)
+                j = int(rng.integers(len(z)))
+                zc.append(z[j])
+                ctexts.append(cp[j % len(cp)])
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))
         return torch.stack(xs), torch.stack(masks), texts, torch.stack(zc), ctexts, g
 
@@ -281,8 +288,6 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
             z = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.sample(g).float()
             z = z * pipe.vae.config.scaling_factor
         c, add = conditioning.encode(pipe, texts + ctexts)
-        if add:
-            add = {k: v for k, v in add.items()}
         n = len(texts)
         x0 = torch.cat([z, zc.to(z)])
         per = diffusion_loss(pipe.unet, sched, x0, c, mask=torch.cat([m, torch.ones_like(m)]).to(z),
@@ -292,7 +297,8 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
 
     # no weight decay: AdamW would shrink every embedding row, and the saved adapter (new rows only) would no
     # longer reproduce the trained model exactly
-    tc = TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, progress=cfg.progress, desc="customize", weight_decay=0.0,
+    emb_lr = {n: cfg.token_lr for n in params if n.startswith("text_encoder_")} if cfg.token_lr else {}
+    tc = TrainConfig(steps=cfg.steps, lr=cfg.lr, lr_by_param=emb_lr, seed=cfg.seed, progress=cfg.progress, desc="customize", weight_decay=0.0,
                      log_every=max(1, cfg.steps // 25), checkpoint_every=0)
     try:
         hist = train(params, loss_fn, batch_fn, tc, modules=[pipe.unet])
@@ -338,20 +344,24 @@ def _independent_rows(C: torch.Tensor, rel_tol: float = 1e-2) -> list[int]:
 
 
 @torch.no_grad()
-def text_features(pipe, prompts: list[str], skip_start: bool = True) -> torch.Tensor:
+def text_features(pipe, prompts: list[str], skip_start: bool = True, padding: bool = False,
+                  from_token: str | None = None) -> torch.Tensor:
     """Token-level text features (the rows K/V see): one row per position from after the start token through
-    the first end token, over all prompts."""
+    the first end token (with `padding`, through the last padding position: cross-attention sees those too),
+    over all prompts. `from_token` starts each prompt's rows at that token instead: in a causal encoder the
+    words before it ("a", "photo of a") have the same features as in every other prompt that starts so."""
     from difflab.core.data import encode_prompts
     tok = pipe.tokenizer
     hidden = encode_prompts(pipe, prompts)
     rows = []
     for p, h in zip(prompts, hidden):
         ids = tok(p, truncation=True, max_length=tok.model_max_length).input_ids
-        rows.append(h[1 if skip_start else 0:len(ids)])
+        start = ids.index(tok.convert_tokens_to_ids(from_token)) if from_token else 1 if skip_start else 0
+        rows.append(h[start:None if padding else len(ids)])
     return torch.cat(rows)
 
 
-def merge(pipe, runs: list[Path], reg_prompts: list[str]) -> tuple[list[str], dict]:
+def merge(pipe, runs: list[Path], reg_prompts: list[str], reg_padding: bool = True) -> tuple[list[str], dict]:
     """Merge Custom Diffusion runs trained separately on the same base: tokens renamed <new1>, <new2>, ... in
     order, each K/V matrix solved in closed form so every concept's prompts map as its own run mapped them
     while regularisation prompts change as little as possible. Changes `pipe`; returns (tokens, info)."""
@@ -376,8 +386,11 @@ def merge(pipe, runs: list[Path], reg_prompts: list[str]) -> tuple[list[str], di
         cls = cfg.get("class_prompt", "a shape")
         noun = cls.split()[-1]
         concept_prompts.append([f"{new} {noun}", cls.replace(noun, f"{new} {noun}")])
-    C_reg = text_features(pipe, reg_prompts).cpu()
-    C_tgt_parts = [text_features(pipe, ps).cpu() for ps in concept_prompts]
+    # The official code keeps regularisation rows through the end token only; the padding positions after it
+    # carry the prompt too (a causal encoder) and cross-attention reads them, so by default they are kept as well
+    # (on the shapes model this is what keeps prompts without the new token from drifting; docs/BENCHMARKS.md).
+    C_reg = text_features(pipe, reg_prompts, padding=reg_padding).cpu()
+    C_tgt_parts = [text_features(pipe, ps, from_token=t).cpu() for t, ps in zip(tokens, concept_prompts)]
     C_all = torch.cat(C_tgt_parts)
     owner_all = np.concatenate([[i] * len(p) for i, p in enumerate(C_tgt_parts)])
     # shared words ("a" before the token) give identical or nearly identical rows, which make D C_tgt^T singular:
@@ -409,8 +422,10 @@ def concept_value(c: Concept) -> str | None:
 
 
 def evaluate_concepts(pipe, base_pipe, tokens: list[str], values: list[str], n: int = 8, seed: int = 50_000) -> dict:
-    """Oracle-judged rates on the shapes model: each taught concept on "a <tok> shape" and on "a {color} <tok>
-    shape", the base model on the same prompts, and joint accuracy on trained-concept prompts before and after."""
+    """Oracle-judged rates on the shapes model: each taught concept on "a <tok> shape" (4n images) and on
+    "a {color} <tok> shape" (n per color), the base model on the same prompts, and joint accuracy on 18
+    trained-concept prompts ("a {color} {shape}", n each) before and after. Seeds start at 50,000: no training
+    image or class image uses them."""
     from difflab.generate import generate_images
     from difflab.models import load_oracle
     from difflab.world.dataset import parse_prompt
@@ -420,8 +435,8 @@ def evaluate_concepts(pipe, base_pipe, tokens: list[str], values: list[str], n: 
     colors = FACTORS["color"][0]
     out = {}
 
-    def rate(p, prompts, aliases):
-        imgs, recs = generate_images(p, prompts, n=n, seed=seed, progress=False)
+    def rate(p, prompts, aliases, k=n):
+        imgs, recs = generate_images(p, prompts, n=k, seed=seed, progress=False)
         return judge(oracle.predict(imgs), [parse_prompt(r["prompt"], aliases) for r in recs])
 
     for tok, val in zip(tokens, values):
@@ -429,7 +444,7 @@ def evaluate_concepts(pipe, base_pipe, tokens: list[str], values: list[str], n: 
         plain = [f"a {tok} shape"]
         colored = [f"a {c} {tok} shape" for c in colors]
         for name, p in (("", pipe), ("base_", base_pipe)):
-            r1, r2 = rate(p, plain, aliases), rate(p, colored, aliases)
+            r1, r2 = rate(p, plain, aliases, 4 * n), rate(p, colored, aliases)   # 4n and 6n images
             out[f"{name}{tok}_rate"] = r1["accuracy"]["shape"]
             out[f"{name}{tok}_color_prompts_rate"] = r2["accuracy"]["shape"]
             out[f"{name}{tok}_color_accuracy"] = r2["accuracy"]["color"]

@@ -224,7 +224,7 @@ def world_anchor_prompts(anchor: str, n: int = 24, seed: int = 0) -> list[str]:
     return out
 
 
-def evaluate_erase(pipe, base_pipe, target: str, anchor: str, n: int = 4, seed: int = 60_000) -> dict:
+def evaluate_erase(pipe, base_pipe, target: str, anchor: str, n: int = 8, seed: int = 60_000) -> dict:
     """On the shapes model: the target's rate on "a {color} {target}" before and after, the anchor's accuracy,
     and neighbours: other shapes' accuracy and the colour on target prompts, before and after."""
     from difflab.generate import generate_images

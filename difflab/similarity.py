@@ -113,6 +113,7 @@ class DreamSim(nn.Module):
             nn.init.zeros_(self.mlp[2].weight)
             nn.init.zeros_(self.mlp[2].bias)
         self.lora: dict | None = None
+        self.full_backbones = False   # mode "full": every backbone weight was tuned and is saved
 
     @property
     def image_size(self) -> int:
@@ -148,7 +149,7 @@ class DreamSim(nn.Module):
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().contiguous() for n, p in self.named_parameters()
-                if "lora_" in n or n.startswith("mlp.")}
+                if "lora_" in n or n.startswith("mlp.") or (self.full_backbones and n.startswith("backbones."))}
 
     def save_pretrained(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
@@ -156,7 +157,7 @@ class DreamSim(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         cfg = {"backbones": [b.source for b in self.backbones], "normalize_embeds": self.normalize_embeds,
                "mlp_hidden": self.mlp[0].out_features if self.mlp is not None else None, "lora": self.lora,
-               "embedding_dim": sum(b.dim for b in self.backbones)}
+               "full_backbones": self.full_backbones, "embedding_dim": sum(b.dim for b in self.backbones)}
         (folder / "dreamsim_config.json").write_text(json.dumps(cfg, indent=2))
         save_file(self.trainable_state(), folder / WEIGHTS_FILE)
 
@@ -173,6 +174,7 @@ class DreamSim(nn.Module):
             raise DifflabError(f"{folder} was trained on backbones of another size than {cfg['backbones']}")
         if cfg["lora"]:
             model.add_lora(cfg["lora"]["r"], cfg["lora"]["alpha"], cfg["lora"]["dropout"])
+        model.full_backbones = bool(cfg.get("full_backbones"))
         state = load_file(folder / WEIGHTS_FILE)
         own = model.trainable_state()
         bad = [k for k in state if k not in own or own[k].shape != state[k].shape]
@@ -215,6 +217,7 @@ CSV_COLUMNS = ["id", "left_vote", "right_vote", "votes", "ref_path", "left_path"
                "is_imagenet"]
 # The ground-truth rule of the shapes 2AFC set: d(ref, x) = sum of the weights of the factors x changes. Shape
 # weighs most and background least, so pixel distance (dominated by the background's area) often disagrees.
+MIN_GAP = 0.5   # weighted distances closer than this are a tie (redrawn)
 FACTOR_WEIGHTS = {"shape": 4.0, "color": 2.5, "texture": 1.5, "size": 1.2, "position": 0.8, "background": 0.3}
 
 
@@ -244,38 +247,58 @@ def read_2afc(folder: str | Path, split: str | None = None, min_votes: int = 6) 
     return out
 
 
-def make_2afc(out: str | Path, n: int, seed: int = 0, splits=(("train", 0.7), ("val", 0.1), ("test", 0.2)),
-              max_changes: int = 3) -> Path:
-    """Write n shapes-world triplets in the NIGHTS layout. img0 and img1 each change 1..max_changes factors of
-    ref; the vote is 6:0 for the one closer under FACTOR_WEIGHTS; ties are redrawn."""
-    import csv
-
-    from difflab.core.runs import output_folder
+def world_triplets(n: int, seed: int = 0, max_changes: int = 3,
+                   min_gap: float = MIN_GAP) -> list[tuple[dict, dict, dict, bool]]:
+    """n shapes-world triplets as factor dicts (ref, img0, img1, img1_closer). img0 and img1 each change
+    1..max_changes factors of ref; d(ref, x) = the sum of FACTOR_WEIGHTS over the factors x changes. Pairs whose
+    distances differ by less than `min_gap` count as ties and are redrawn (NIGHTS likewise keeps only triplets
+    its raters agreed on), so every triplet has a clear ground truth."""
     from difflab.world.dataset import sample_item
-    from difflab.world.draw import FACTORS, render, values
+    from difflab.world.draw import FACTORS, values
     rng = np.random.default_rng(seed)
 
     def vary(f: dict) -> dict:
         g = dict(f)
         for fac in rng.choice(list(FACTORS), size=rng.integers(1, max_changes + 1), replace=False):
-            g[fac] = rng.choice([v for v in values(fac) if v != f[fac]])
+            g[fac] = str(rng.choice([v for v in values(fac) if v != f[fac]]))
         return g
 
     def dist(f, g):
         return sum(w for fac, w in FACTOR_WEIGHTS.items() if f[fac] != g[fac])
 
+    out = []
+    for _ in range(n):
+        ref = sample_item(rng, include_heldout=True).factors
+        while True:
+            a, b = vary(ref), vary(ref)
+            if abs(dist(ref, a) - dist(ref, b)) >= max(min_gap, 1e-9):
+                break
+        out.append((ref, a, b, dist(ref, b) < dist(ref, a)))
+    return out
+
+
+def render_triplets(triplets, image_size: int) -> tuple[torch.Tensor, ...]:
+    """world_triplets rendered in memory: (ref, img0, img1, p1) tensors as load_triplets gives them."""
+    from difflab.world.draw import render
+    pre = make_preprocess(image_size)
+    ref, x0, x1 = ([pre(render(t[k])) for t in triplets] for k in range(3))
+    p1 = torch.tensor([float(t[3]) for t in triplets])
+    return torch.cat(ref), torch.cat(x0), torch.cat(x1), p1
+
+
+def make_2afc(out: str | Path, n: int, seed: int = 0, splits=(("train", 0.7), ("val", 0.1), ("test", 0.2)),
+              max_changes: int = 3, min_gap: float = MIN_GAP) -> Path:
+    """Write n world_triplets in the NIGHTS layout; the closer image gets all 6 votes."""
+    import csv
+
+    from difflab.core.runs import output_folder
+    from difflab.world.draw import render
     cuts = np.cumsum([0] + [int(round(frac * n)) for _, frac in splits])
     with output_folder(Path(out)) as tmp:
         (tmp / "ref" / "000").mkdir(parents=True)
         (tmp / "distort" / "000").mkdir(parents=True)
         rows = []
-        for i in range(n):
-            ref = sample_item(rng, include_heldout=True).factors
-            while True:
-                a, b = vary(ref), vary(ref)
-                if dist(ref, a) != dist(ref, b):
-                    break
-            right_closer = dist(ref, b) < dist(ref, a)
+        for i, (ref, a, b, right_closer) in enumerate(world_triplets(n, seed, max_changes, min_gap)):
             name = f"{i:06d}"
             render(ref).save(tmp / "ref" / "000" / f"{name}.png")
             render(a).save(tmp / "distort" / "000" / f"{name}_0.png")
@@ -290,7 +313,8 @@ def make_2afc(out: str | Path, n: int, seed: int = 0, splits=(("train", 0.7), ("
         (tmp / "README.md").write_text(
             f"Shapes-world 2AFC triplets (difflab similarity make-2afc --n {n} --seed {seed}).\n"
             "Ground truth: d(ref, x) = sum of the weights of the factors x changes: "
-            + ", ".join(f"{k} {v}" for k, v in FACTOR_WEIGHTS.items()) + ".\nThe closer image gets all 6 votes.\n")
+            + ", ".join(f"{k} {v}" for k, v in FACTOR_WEIGHTS.items())
+            + f".\nDistances closer than {min_gap} are ties (redrawn). The closer image gets all 6 votes.\n")
     return Path(out)
 
 
@@ -328,9 +352,13 @@ def hinge_loss(d0: torch.Tensor, d1: torch.Tensor, p1: torch.Tensor, margin: flo
 
 def train_dreamsim(model: DreamSim, triplets: list[dict], mode: str = "lora", steps: int = 1000,
                    batch_size: int = 16, lr: float = 3e-4, margin: float = 0.05, seed: int = 0,
-                   lora: dict | None = None, out: Path | None = None, progress: bool = True) -> dict:
+                   lora: dict | None = None, out: Path | None = None, progress: bool = True,
+                   world: int = 0) -> dict:
     """Fine-tune on 2AFC triplets with the hinge loss: LoRA on the backbones (mode "lora", r 16 / alpha 8 /
-    dropout 0.3 by default) or the residual MLP head alone (mode "mlp"). Adam betas (0.5, 0.999) as DreamSim."""
+    dropout 0.3 by default), the residual MLP head alone (mode "mlp"), or every backbone weight (mode "full",
+    for small backbones). Adam betas (0.5, 0.999) as DreamSim. `world` > 0 adds that many fresh shapes-world
+    triplets rendered in memory (seeded apart from make-2afc's) to the training set: the world is procedural,
+    so a small backbone need not overfit a few thousand triplets."""
     from difflab.core.trainer import TrainConfig, train
     model.requires_grad_(False)
     if mode == "lora":
@@ -340,11 +368,17 @@ def train_dreamsim(model: DreamSim, triplets: list[dict], mode: str = "lora", st
         if model.mlp is None:
             raise DifflabError("mode 'mlp' needs a model built with mlp_hidden")
         params = dict(model.mlp.named_parameters())
+    elif mode == "full":
+        model.full_backbones = True
+        params = {n: p for n, p in model.named_parameters() if n.startswith("backbones.")}
     else:
-        raise DifflabError(f"unknown training mode {mode!r}: use lora or mlp")
+        raise DifflabError(f"unknown training mode {mode!r}: use lora, mlp or full")
     for p in params.values():
         p.requires_grad_(True)
     ref, x0, x1, p1 = load_triplets(triplets, model.image_size)
+    if world:
+        extra = render_triplets(world_triplets(world, seed=10_000_019 + seed), model.image_size)
+        ref, x0, x1, p1 = (torch.cat([t, e]) for t, e in zip((ref, x0, x1, p1), extra))
     if mode == "mlp":   # frozen backbones: their features are computed once, only the head runs per step
         with torch.no_grad():
             ref, x0, x1 = (torch.cat([model.features(t[i:i + 512]) for i in range(0, len(t), 512)])
@@ -371,12 +405,13 @@ def train_dreamsim(model: DreamSim, triplets: list[dict], mode: str = "lora", st
 
 
 def train_and_save(triplets_dir, out, backbones=(SHAPES_CLIP,), mode="lora", steps=1500, batch_size=16,
-                   lr=3e-4, lora=None, seed=0, progress=True) -> dict:
+                   lr=3e-4, lora=None, seed=0, progress=True, world=0) -> dict:
     """Train on the train split, save to `out` (atomically), write metrics.json with val/test 2AFC."""
     from difflab.core.runs import atomic_write_json, output_folder, write_metrics
     train_t = read_2afc(triplets_dir, "train")
     model = DreamSim([load_backbone(b) for b in backbones], mlp_hidden=512 if mode == "mlp" else None)
-    hist = train_dreamsim(model, train_t, mode, steps, batch_size, lr, seed=seed, lora=lora, progress=progress)
+    hist = train_dreamsim(model, train_t, mode, steps, batch_size, lr, seed=seed, lora=lora, progress=progress,
+                          world=world)
     res = {}
     for split in ("val", "test"):
         try:
@@ -388,7 +423,7 @@ def train_and_save(triplets_dir, out, backbones=(SHAPES_CLIP,), mode="lora", ste
         model.save_pretrained(tmp)
         atomic_write_json(tmp / "config.json", {"triplets": str(triplets_dir), "backbones": list(backbones),
                                                 "mode": mode, "steps": steps, "batch_size": batch_size, "lr": lr,
-                                                "lora": lora, "seed": seed})
+                                                "lora": lora, "seed": seed, "world": world})
         write_metrics(tmp, {**res, "final_loss": hist["loss"][-1]})
     return res
 

@@ -4,6 +4,7 @@ Each capability adds its section to the report as it lands.
 """
 from __future__ import annotations
 
+import html
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from difflab.world.dataset import parse_prompt
 from difflab.world.evaluate import BARS, evaluate, headline, prompt_sets
 
 
-def run_tour(out: Path, model: str = "shapes", n: int = 4, seed: int = 1000) -> dict:
+def run_tour(out: Path, model: str = "shapes", n: int = 4, seed: int = 1000, train_steps: int = 400) -> dict:
     out = Path(out)
     t0 = time.time()
     pipe = load_pipeline(model)
@@ -59,9 +60,13 @@ def run_tour(out: Path, model: str = "shapes", n: int = 4, seed: int = 1000) -> 
                                                                marks[::max(1, n)][:48])))
         sim_section, sim_metrics = similarity_section(tmp / "similarity", seed=seed)
         sections.append(("Similarity (DreamSim)", sim_section))
+        edit_metrics = {}
+        if model == "shapes" and train_steps:
+            edit_section, edit_metrics = customize_erase_section(tmp / "edit", train_steps, seed=seed)
+            sections.append(("Customize and erase", edit_section))
         report.write_report(tmp / "report.html", "difflab tour", sections,
                             subtitle=f"model {model}; {time.strftime('%Y-%m-%d %H:%M')}")
-        metrics = {**{k: round(v, 4) for k, v in head.items()}, "world_oracle_all_factors": world_acc, **sim_metrics,
+        metrics = {**{k: round(v, 4) for k, v in head.items()}, "world_oracle_all_factors": world_acc, **sim_metrics, **edit_metrics,
                    "seconds": round(time.time() - t0, 1)}
         write_metrics(tmp, metrics)
     return metrics
@@ -94,3 +99,43 @@ def similarity_section(folder: Path, seed: int = 0, n: int = 200, show: int = 6)
             + report.table(["distance", "2AFC"], [[k.removeprefix("similarity_2afc_"), v] for k, v in metrics.items()])
             + report.table(["", "truth", *verdicts], rows) + report.grid(images, caps))
     return body, metrics
+
+
+def customize_erase_section(folder: Path, steps: int, seed: int = 0, n: int = 8) -> tuple[str, dict]:
+    """Teach the held-out heart from 8 images (Custom Diffusion) and erase the star (Concept Ablation), each
+    trained `steps` steps here; the oracle marks each generated image. Short runs: docs/BENCHMARKS.md has the
+    full-length figures."""
+    from difflab.customize import Concept, CustomizeConfig, customize
+    from difflab.erase import EraseConfig, erase_run
+    from difflab.generate import generate_images
+    folder.mkdir(parents=True)
+    sample_folder(folder / "heart-images", n=8, seed=seed, include_heldout=True, where=["shape=heart"])
+    cm = customize("shapes", [Concept(str(folder / "heart-images"))], folder / "customize",
+                   CustomizeConfig(steps=steps, progress=True))
+    em = erase_run("shapes", "a star", "a shape", folder / "erase", EraseConfig(steps=steps, progress=True))
+    oracle = load_oracle()
+    body = ""
+    for title, adapter, prompts, want in (
+            ("Custom Diffusion: <new1> taught from the 8 images of a heart (a shape no caption ever named)",
+             folder / "customize", ["a <new1> shape", "a red <new1> shape"], "heart"),
+            ("Concept Ablation: star erased towards \"a shape\"", folder / "erase", ["a red star", "a blue star"], None)):
+        rows = []
+        for name, p in (("base", load_pipeline("shapes")), ("after", _with_adapter(adapter))):
+            imgs, recs = generate_images(p, prompts, n=n // 2, seed=seed + 7, progress=False)
+            preds = oracle.predict(imgs)
+            ok = [(q["shape"] == want) if want else (q["shape"] != "star") for q in preds]
+            rows.append((name, imgs, [f"{name}: {r['prompt']} -> {q['shape']}" for r, q in zip(recs, preds)], ok))
+        body += f"<h3>{html.escape(title)}</h3>" + "".join(report.grid(i, c, m) for _, i, c, m in rows)
+    keys = ("<new1>_rate", "base_<new1>_rate", "<new1>_color_accuracy", "drift_joint_before", "drift_joint_after",
+            "target_rate_before", "target_rate_after", "other_shapes_accuracy_before", "other_shapes_accuracy_after")
+    metrics = {f"edit_{k.replace('<new1>', 'new1')}": v for k, v in {**cm, **em}.items() if k in keys}
+    body = (f"<p>Each trained {steps} steps in this tour. Oracle-judged rates:</p>"
+            + report.table(["measure", "value"], [[k, v] for k, v in metrics.items()]) + body)
+    return body, metrics
+
+
+def _with_adapter(folder: Path):
+    from difflab.adapters import apply_adapters
+    pipe = load_pipeline("shapes")
+    apply_adapters(pipe, [str(folder)])
+    return pipe

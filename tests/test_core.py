@@ -87,6 +87,17 @@ def test_training_loss_falls():
     assert hist["loss"][-1] < 0.01 * hist["loss"][0]
 
 
+def test_a_parameter_with_its_own_lr_moves_by_that_lr():
+    """Adam's first step moves every element by about lr: a frozen-lr (0) bias stays, the weight moves ~lr."""
+    lin, batch_fn, loss_fn = _regression()
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    train(dict(lin.named_parameters()), loss_fn, batch_fn,
+          TrainConfig(steps=1, lr=1e-3, lr_by_param={"bias": 0.0}, weight_decay=0.0, progress=False, log_every=1),
+          modules=[lin])
+    assert torch.equal(lin.bias, b0)
+    assert torch.allclose((lin.weight - w0).abs(), torch.full_like(w0, 1e-3), rtol=1e-2)
+
+
 def test_resume_matches_an_unbroken_run(tmp_path):
     cfg = dict(lr=5e-2, log_every=5, progress=False, checkpoint_every=10, ema_decay=0.9)
     lin, batch_fn, loss_fn = _regression()

@@ -7,6 +7,7 @@ import torch
 from difflab.customize import (Concept, CustomizeConfig, apply_weights, merge, merge_matrix, read_weights,
                                save_weights, train_concepts)
 from difflab.errors import DifflabError
+from safetensors.torch import load_file
 
 
 def _pipe(tiny_pipeline_dir):
@@ -145,3 +146,48 @@ def test_erase_cli(tiny_pipeline_dir, tmp_path):
                                     "--out", str(tmp_path / "e")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "e" / "pytorch_custom_diffusion_weights.safetensors").exists()
+
+
+def test_customize_sdxl_trains_both_encoders_and_round_trips(tiny_sdxl_dir, tmp_path):
+    """SDXL: the token gets a row in both text encoders; the saved run reproduces the trained model."""
+    import numpy as np
+
+    from difflab.adapters import apply_adapters
+    from difflab.models import load_pipeline
+    imgs = _images(tmp_path)
+    pipe = load_pipeline(str(tiny_sdxl_dir))
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    train_concepts(pipe, [Concept(str(imgs))], CustomizeConfig(steps=3, num_class_images=2, batch_size=1,
+                                                                lr=1e-2, progress=False))
+    changed = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for n in changed)
+    save_weights(pipe, tmp_path / "run", ["<new1>"], "xattn_kv", base=str(tiny_sdxl_dir))
+    emb = load_file(tmp_path / "run" / "<new1>.safetensors")
+    assert len(emb) == 2   # one row per text encoder
+    fresh = load_pipeline(str(tiny_sdxl_dir))
+    apply_adapters(fresh, [str(tmp_path / "run")])
+    kw = dict(num_inference_steps=2, guidance_scale=1.0, output_type="np")
+    a = pipe("a <new1> shape", generator=torch.Generator().manual_seed(0), **kw).images
+    b = fresh("a <new1> shape", generator=torch.Generator().manual_seed(0), **kw).images
+    base = load_pipeline(str(tiny_sdxl_dir))
+    base.tokenizer.add_tokens(["<new1>"]), base.tokenizer_2.add_tokens(["<new1>"])
+    base.text_encoder.resize_token_embeddings(len(base.tokenizer))
+    base.text_encoder_2.resize_token_embeddings(len(base.tokenizer_2))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert np.abs(a - base("a shape", generator=torch.Generator().manual_seed(0), **kw).images).max() > 1e-3
+
+
+def test_instance_prompt_without_the_token_and_unreadable_images_fail_clearly(tiny_pipeline_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from difflab.cli import main
+    imgs = _images(tmp_path)
+    (tmp_path / "c.json").write_text('[{"images": "%s", "token": "<new1>", "instance_prompt": "a shape"}]' % imgs)
+    r = CliRunner()
+    bad = r.invoke(main, ["customize", "--model", str(tiny_pipeline_dir), "--concepts", str(tmp_path / "c.json"),
+                          "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "does not contain <new1>" in bad.output and not (tmp_path / "bad").exists()
+    (imgs / "broken.png").write_bytes(b"not a png")
+    bad = r.invoke(main, ["customize", "--model", str(tiny_pipeline_dir), "--images", str(imgs),
+                          "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "broken.png" in bad.output and not (tmp_path / "bad").exists()

@@ -89,3 +89,32 @@ def test_pixel_l2_baseline_disagrees_with_the_rule(tmp_path):
     make_2afc(tmp_path / "t", n=150, seed=1)
     score = evaluate_2afc(pixel_l2, read_2afc(tmp_path / "t"), 32)["2afc"]
     assert score < 0.85   # the rule weighs shape over background: pixels alone cannot follow it
+
+
+def test_world_triplets_have_a_clear_ground_truth_and_render_in_memory():
+    from difflab.similarity import FACTOR_WEIGHTS, MIN_GAP, render_triplets, world_triplets
+    trip = world_triplets(300, seed=4)
+
+    def d(f, g):
+        return sum(w for k, w in FACTOR_WEIGHTS.items() if f[k] != g[k])
+    for ref, a, b, b_closer in trip:
+        assert abs(d(ref, a) - d(ref, b)) >= MIN_GAP and b_closer == (d(ref, b) < d(ref, a))
+        assert 1 <= sum(ref[k] != a[k] for k in ref) <= 3
+    ref, x0, x1, p1 = render_triplets(trip[:5], 32)
+    assert ref.shape == x0.shape == (5, 3, 32, 32) and p1.tolist() == [float(t[3]) for t in trip[:5]]
+
+
+def test_full_mode_tunes_the_backbone_with_world_triplets_and_round_trips(tmp_path, monkeypatch):
+    import difflab.similarity as sim
+    make_2afc(tmp_path / "t", n=20, seed=0)
+    model = DreamSim([tiny_clip_backbone()])
+    w0 = model.backbones[0].model.vision_model.embeddings.patch_embedding.weight.clone()
+    hist = train_dreamsim(model, read_2afc(tmp_path / "t"), mode="full", steps=3, batch_size=8, lr=1e-3,
+                          progress=False, world=40)
+    assert not torch.equal(w0, model.backbones[0].model.vision_model.embeddings.patch_embedding.weight)
+    assert len(hist["loss"]) >= 1
+    model.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(sim, "load_backbone", lambda s: tiny_clip_backbone())
+    again = DreamSim.from_pretrained(tmp_path / "m")
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(again(x, x.flip(0)), model(x, x.flip(0)), atol=1e-6)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -29,6 +29,7 @@ class TrainingError(RuntimeError):
 class TrainConfig:
     steps: int = 1000
     lr: float = 1e-4
+    lr_by_param: dict = field(default_factory=dict)   # parameter name -> its own base lr (others use `lr`)
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
@@ -114,7 +115,11 @@ def train(
     set_seed(cfg.seed)
     names = list(params)
     plist = [params[n] for n in names]
-    opt = torch.optim.AdamW(plist, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    by_lr: dict[float, list] = {}   # one optimizer group per distinct lr (foreach kernels work per group)
+    for n, p in zip(names, plist):
+        by_lr.setdefault(cfg.lr_by_param.get(n, cfg.lr), []).append(p)
+    groups = [{"params": ps, "base_lr": lr} for lr, ps in by_lr.items()]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     modules = [m.to(acc.device) for m in modules]
     opt = acc.prepare(opt)   # the wrapper applies the fp16 grad scaler and skips steps while accumulating
     world, rank = acc.num_processes, acc.process_index
@@ -142,7 +147,7 @@ def train(
     t0, running = time.time(), []
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * _lr_factor(cfg, step)
+            g["lr"] = g["base_lr"] * _lr_factor(cfg, step)
         for micro in range(cfg.grad_accum):   # accelerate skips opt.step until the last micro-batch
             with acc.accumulate(*modules):
                 batch = send_to_device(batch_fn((step * cfg.grad_accum + micro) * world + rank), acc.device)
