@@ -78,7 +78,7 @@ def main():
         cls.mkdir(parents=True)
         for i, im in enumerate(images):
             im.save(cls / f"{i:03d}.png")
-    class_latents(load_pipeline("shapes"), "a shape", 64, CustomizeConfig(), work / "class" / "0.safetensors")
+    class_latents(load_pipeline("shapes"), ["a shape"], 64, CustomizeConfig(), work / "class" / "0.safetensors")
     per = {"difflab": [], "peer": []}
     for r in range(a.repeats):
         with tempfile.TemporaryDirectory() as tmp:

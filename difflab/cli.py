@@ -244,10 +244,12 @@ def similarity():
 @click.option("--n", "n", type=click.IntRange(1), required=True, help="Number of triplets.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-def similarity_make_2afc(n, seed, out):
+@click.option("--min-gap", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Weighted distances closer than this count as ties and are redrawn.")
+def similarity_make_2afc(n, seed, out, min_gap):
     """Write shapes-world triplets (ref, img0, img1) with ground-truth votes in the NIGHTS layout."""
     from difflab.similarity import make_2afc
-    make_2afc(out, n, seed)
+    make_2afc(out, n, seed, min_gap=min_gap)
     click.echo(f"wrote {n} triplets to {out}")
 
 

@@ -250,6 +250,7 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
 
     params = {f"unet.{k}": v for k, v in select(pipe.unet, cfg.params).items()}
+    tokens = [c.token for c in concepts]
     hooks = []
     for k, (tok, te) in enumerate(conditioning.tokenizers_and_encoders(pipe)):
         emb = te.get_input_embeddings().weight
@@ -287,7 +288,7 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
         with torch.no_grad():
             z = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.sample(g).float()
             z = z * pipe.vae.config.scaling_factor
-        c, add = conditioning.encode(pipe, texts + ctexts)
+        c, add = conditioning.encode_deduplicated(pipe, texts + ctexts, lambda t: any(tk in t for tk in tokens))
         n = len(texts)
         x0 = torch.cat([z, zc.to(z)])
         per = diffusion_loss(pipe.unet, sched, x0, c, mask=torch.cat([m, torch.ones_like(m)]).to(z),

@@ -217,7 +217,7 @@ CSV_COLUMNS = ["id", "left_vote", "right_vote", "votes", "ref_path", "left_path"
                "is_imagenet"]
 # The ground-truth rule of the shapes 2AFC set: d(ref, x) = sum of the weights of the factors x changes. Shape
 # weighs most and background least, so pixel distance (dominated by the background's area) often disagrees.
-MIN_GAP = 0.5   # weighted distances closer than this are a tie (redrawn)
+MIN_GAP = 0.0   # distances closer than this are a tie (redrawn); 0: only exact ties (0.5 measured no better)
 FACTOR_WEIGHTS = {"shape": 4.0, "color": 2.5, "texture": 1.5, "size": 1.2, "position": 0.8, "background": 0.3}
 
 
@@ -314,7 +314,8 @@ def make_2afc(out: str | Path, n: int, seed: int = 0, splits=(("train", 0.7), ("
             f"Shapes-world 2AFC triplets (difflab similarity make-2afc --n {n} --seed {seed}).\n"
             "Ground truth: d(ref, x) = sum of the weights of the factors x changes: "
             + ", ".join(f"{k} {v}" for k, v in FACTOR_WEIGHTS.items())
-            + f".\nDistances closer than {min_gap} are ties (redrawn). The closer image gets all 6 votes.\n")
+            + f".\nTies (equal distances{f', or closer than {min_gap}' if min_gap else ''}) are redrawn. "
+            "The closer image gets all 6 votes.\n")
     return Path(out)
 
 

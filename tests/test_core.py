@@ -172,3 +172,16 @@ def test_multi_process_training_keeps_ranks_in_sync(tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert "DDP-OK" in p.stdout
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_deduplicated_encoding_equals_plain_encoding(which, tiny_pipeline_dir, tiny_sdxl_dir):
+    from difflab.core import conditioning
+    from difflab.models import load_pipeline
+    pipe = load_pipeline(str(tiny_pipeline_dir if which == "sd" else tiny_sdxl_dir))
+    prompts = ["a red star", "a shape", "a red star", "a blue circle", "a shape"]
+    h0, a0 = conditioning.encode(pipe, prompts)
+    h1, a1 = conditioning.encode_deduplicated(pipe, prompts, needs_grad=lambda p: "star" in p)
+    assert torch.allclose(h0, h1, atol=1e-6)
+    if which == "sdxl":
+        assert all(torch.allclose(a0[k], a1[k], atol=1e-6) for k in a0)

@@ -161,6 +161,7 @@ def test_customize_sdxl_trains_both_encoders_and_round_trips(tiny_sdxl_dir, tmp_
                                                                 lr=1e-2, progress=False))
     changed = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for n in changed)
+    (tmp_path / "run").mkdir()
     save_weights(pipe, tmp_path / "run", ["<new1>"], "xattn_kv", base=str(tiny_sdxl_dir))
     emb = load_file(tmp_path / "run" / "<new1>.safetensors")
     assert len(emb) == 2   # one row per text encoder

@@ -92,8 +92,9 @@ def test_pixel_l2_baseline_disagrees_with_the_rule(tmp_path):
 
 
 def test_world_triplets_have_a_clear_ground_truth_and_render_in_memory():
-    from difflab.similarity import FACTOR_WEIGHTS, MIN_GAP, render_triplets, world_triplets
-    trip = world_triplets(300, seed=4)
+    from difflab.similarity import FACTOR_WEIGHTS, render_triplets, world_triplets
+    MIN_GAP = 0.5
+    trip = world_triplets(300, seed=4, min_gap=MIN_GAP)
 
     def d(f, g):
         return sum(w for k, w in FACTOR_WEIGHTS.items() if f[k] != g[k])

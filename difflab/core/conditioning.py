@@ -38,3 +38,24 @@ def encode(pipe, prompts: list[str], resolution: int | None = None):
     res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=hidden[0].dtype, device=device)
     return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids.expand(len(prompts), -1)}
+
+
+def encode_deduplicated(pipe, prompts: list[str], needs_grad=lambda p: True, resolution: int | None = None):
+    """`encode` for a batch with repeated prompts: each distinct prompt runs through the text encoder(s) once,
+    and without autograd where `needs_grad(prompt)` is false (e.g. class prompts, which hold no trained token).
+    Same result as `encode(pipe, prompts)`, at a fraction of the text-encoder cost of a training step."""
+    uniq = list(dict.fromkeys(prompts))
+    grad = [p for p in uniq if needs_grad(p)]
+    rest = [p for p in uniq if not needs_grad(p)]
+    parts = []
+    if grad:
+        parts.append(encode(pipe, grad, resolution))
+    if rest:
+        with torch.no_grad():
+            parts.append(encode(pipe, rest, resolution))
+    hidden = torch.cat([h for h, _ in parts])
+    index = torch.tensor([(grad + rest).index(p) for p in prompts], device=hidden.device)
+    add = None
+    if parts[0][1] is not None:
+        add = {k: torch.cat([a[k] for _, a in parts])[index] for k in parts[0][1]}
+    return hidden[index], add
