@@ -283,10 +283,12 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))
         return torch.stack(xs), torch.stack(masks), texts, torch.stack(zc), ctexts, g
 
+    vae_device, vae_dtype = next(pipe.vae.parameters()).device, next(pipe.vae.parameters()).dtype
+
     def loss_fn(b):
         x, m, texts, zc, ctexts, g = b
         with torch.no_grad():
-            z = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.sample(g).float()
+            z = pipe.vae.encode(x.to(vae_device, vae_dtype)).latent_dist.sample(g).float()
             z = z * pipe.vae.config.scaling_factor
         c, add = conditioning.encode_deduplicated(pipe, texts + ctexts, lambda t: any(tk in t for tk in tokens))
         n = len(texts)

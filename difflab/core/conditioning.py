@@ -22,7 +22,8 @@ def tokenizers_and_encoders(pipe) -> list[tuple]:
 
 def encode(pipe, prompts: list[str], resolution: int | None = None):
     """(encoder_hidden_states, added_cond_kwargs or None) for a batch of prompts."""
-    device = pipe.unet.device
+    # (diffusers' `.device` walks the module's hooks: milliseconds per call, which a training step notices)
+    device = next(pipe.text_encoder.parameters()).device
     if not is_sdxl(pipe):
         tok = pipe.tokenizer
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
