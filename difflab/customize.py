@@ -219,11 +219,10 @@ def class_latents(pipe, prompts: list[str], n: int, cfg: CustomizeConfig, cache:
     from difflab.generate import generate_images
     if cache is not None and cache.exists():
         return load_file(cache)["z"]
-    per = -(-n // len(prompts))
-    images, recs = generate_images(pipe, prompts, n=per, seed=cfg.seed + 1_000_000, steps=cfg.class_steps,
-                                   guidance=cfg.class_guidance, progress=cfg.progress)
-    order = sorted(range(len(recs)), key=lambda i: (i % per, i // per))[:n]   # interleave: prompt i % len
-    z = encode_latents(pipe.vae, to_pixels([images[i] for i in order]))
+    cycled = [prompts[i % len(prompts)] for i in range(n)]   # image i: prompt i % len, seed + i
+    images, _ = generate_images(pipe, cycled, n=1, seed=cfg.seed + 1_000_000, steps=cfg.class_steps,
+                                guidance=cfg.class_guidance, progress=cfg.progress)
+    z = encode_latents(pipe.vae, to_pixels(images))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_file({"z": z.contiguous()}, cache)
@@ -245,12 +244,12 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
     class_prompts = [[c.class_prompt] + list(cfg.reg_prompts) for c in concepts]
     z_class = [class_latents(pipe, cp, cfg.num_class_images, cfg, work / "class" / f"{i}.safetensors" if work else None)
                for i, cp in enumerate(class_prompts)]
-    ids = add_tokens(pipe, [c.token for c in concepts])
+    tokens = [c.token for c in concepts]
+    ids = add_tokens(pipe, tokens)
     from diffusers import DDPMScheduler
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
 
     params = {f"unet.{k}": v for k, v in select(pipe.unet, cfg.params).items()}
-    tokens = [c.token for c in concepts]
     hooks = []
     for k, (tok, te) in enumerate(conditioning.tokenizers_and_encoders(pipe)):
         emb = te.get_input_embeddings().weight

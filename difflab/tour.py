@@ -62,7 +62,7 @@ def run_tour(out: Path, model: str = "shapes", n: int = 4, seed: int = 1000, tra
         sections.append(("Similarity (DreamSim)", sim_section))
         edit_metrics = {}
         if model == "shapes" and train_steps:
-            edit_section, edit_metrics = customize_erase_section(tmp / "edit", train_steps, seed=seed)
+            edit_section, edit_metrics = customize_erase_section(tmp / "edit", train_steps, pipe, seed=seed)
             sections.append(("Customize and erase", edit_section))
         report.write_report(tmp / "report.html", "difflab tour", sections,
                             subtitle=f"model {model}; {time.strftime('%Y-%m-%d %H:%M')}")
@@ -101,7 +101,7 @@ def similarity_section(folder: Path, seed: int = 0, n: int = 200, show: int = 6)
     return body, metrics
 
 
-def customize_erase_section(folder: Path, steps: int, seed: int = 0, n: int = 8) -> tuple[str, dict]:
+def customize_erase_section(folder: Path, steps: int, base_pipe, seed: int = 0, n: int = 8) -> tuple[str, dict]:
     """Teach the held-out heart from 8 images (Custom Diffusion) and erase the star (Concept Ablation), each
     trained `steps` steps here; the oracle marks each generated image. Short runs: docs/BENCHMARKS.md has the
     full-length figures."""
@@ -120,7 +120,7 @@ def customize_erase_section(folder: Path, steps: int, seed: int = 0, n: int = 8)
              folder / "customize", ["a <new1> shape", "a red <new1> shape"], "heart"),
             ("Concept Ablation: star erased towards \"a shape\"", folder / "erase", ["a red star", "a blue star"], None)):
         rows = []
-        for name, p in (("base", load_pipeline("shapes")), ("after", _with_adapter(adapter))):
+        for name, p in (("base", base_pipe), ("after", _with_adapter(adapter))):
             imgs, recs = generate_images(p, prompts, n=n // 2, seed=seed + 7, progress=False)
             preds = oracle.predict(imgs)
             ok = [(q["shape"] == want) if want else (q["shape"] != "star") for q in preds]

@@ -55,7 +55,8 @@ def encode_deduplicated(pipe, prompts: list[str], needs_grad=lambda p: True, res
         with torch.no_grad():
             parts.append(encode(pipe, rest, resolution))
     hidden = torch.cat([h for h, _ in parts])
-    index = torch.tensor([(grad + rest).index(p) for p in prompts], device=hidden.device)
+    row = {p: i for i, p in enumerate(grad + rest)}
+    index = torch.tensor([row[p] for p in prompts], device=hidden.device)
     add = None
     if parts[0][1] is not None:
         add = {k: torch.cat([a[k] for _, a in parts])[index] for k in parts[0][1]}
