@@ -24,9 +24,9 @@ def check_prompts(prompts: list[str]) -> list[str]:
 @torch.no_grad()
 def generate_images(pipe, prompts: list[str], n: int = 1, seed: int = 0, steps: int = DEFAULT_STEPS,
                     guidance: float = DEFAULT_GUIDANCE, batch_size: int = 16, progress: bool = True,
-                    cross_attention_kwargs: dict | None = None):
+                    cross_attention_kwargs: dict | None = None, size: int | None = None):
     """n images per prompt. Image k (counting over prompts, then repeats) uses seed + k, so any one image can be
-    regenerated alone. Returns (images, records)."""
+    regenerated alone. `size` generates at size x size instead of the model's default. Returns (images, records)."""
     from tqdm.auto import tqdm
     check_prompts(prompts)
     jobs = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(n))]
@@ -36,6 +36,8 @@ def generate_images(pipe, prompts: list[str], n: int = 1, seed: int = 0, steps: 
         chunk = jobs[i:i + batch_size]
         gens = [torch.Generator("cpu").manual_seed(s) for _, s in chunk]
         kw = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs else {}
+        if size:
+            kw.update(height=size, width=size)
         out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
                    generator=gens, **kw)
         for (p, s), im in zip(chunk, out.images):

@@ -86,6 +86,53 @@ def average_precision(scores, relevant) -> float:
     return float(precision_at[hits].mean())
 
 
+def auc(scores, labels) -> float:
+    """ROC AUC = P(score of a random positive > score of a random negative), ties counting half
+    (the Mann-Whitney U statistic divided by n_pos * n_neg)."""
+    from scipy.stats import rankdata
+    s, y = _np64(scores), _np64(labels).astype(bool)
+    n_pos, n_neg = y.sum(), (~y).sum()
+    if not n_pos or not n_neg:
+        return float("nan")
+    ranks = rankdata(s)   # average ranks for ties
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def balanced_accuracy(scores, labels, threshold: float) -> tuple[float, float, float]:
+    """(accuracy, accuracy on negatives, accuracy on positives) of the rule "positive iff score > threshold";
+    accuracy is the mean of the two, which equals plain accuracy when the classes are the same size (as in
+    UniversalFakeDetect's evaluation) and does not reward predicting the larger class when they are not."""
+    s, y = _np64(scores), _np64(labels).astype(bool)
+    pred = s > threshold
+    neg, pos = float((~pred[~y]).mean()), float(pred[y].mean())
+    return (neg + pos) / 2, neg, pos
+
+
+def best_threshold(scores, labels) -> tuple[float, float]:
+    """(threshold, balanced accuracy) maximising balanced accuracy over every cut between sorted scores;
+    UniversalFakeDetect's "oracle accuracy" when chosen on the test set, a calibration when chosen on val."""
+    s, y = _np64(scores), _np64(labels).astype(bool)
+    order = np.argsort(s, kind="stable")
+    s, y = s[order], y[order]
+    # cut after position k: the first k are called negative
+    tn = np.concatenate([[0], np.cumsum(~y)])
+    fn = np.concatenate([[0], np.cumsum(y)])
+    acc = (tn / max(1, (~y).sum()) + (y.sum() - fn) / max(1, y.sum())) / 2
+    distinct = np.concatenate([[True], s[1:] != s[:-1], [True]])   # cut only between different scores
+    acc = np.where(distinct, acc, -1)
+    k = int(np.argmax(acc))
+    lo = s[k - 1] if k > 0 else s[0] - 1.0
+    hi = s[k] if k < len(s) else s[-1] + 1.0
+    return float((lo + hi) / 2), float(acc[k])
+
+
+def iou(pred_mask, true_mask) -> float:
+    """Intersection over union of two boolean masks, pooled over all pixels given (1 when both are empty)."""
+    p, t = _np64(pred_mask).astype(bool), _np64(true_mask).astype(bool)
+    union = (p | t).sum()
+    return float((p & t).sum() / union) if union else 1.0
+
+
 def recall_at_k(scores, relevant, k: int) -> float:
     """Recall@K of one ranking: the share of the relevant items that are among the K highest scores."""
     s, r = _np64(scores), _np64(relevant).astype(bool)
