@@ -29,17 +29,15 @@ def parse_adapter(spec: str) -> tuple[Path, float]:
     return p, scale
 
 
-def apply_adapters(pipe, specs: list[str]) -> None:
-    """Load every adapter into the pipeline at its scale."""
+def apply_adapters(pipe, specs: list[str]) -> tuple[list[str], list[float]]:
+    """Load every adapter into the pipeline at its scale; returns the LoRA adapters' (names, scales)."""
     names, weights = [], []
     for i, spec in enumerate(specs):
         path, scale = parse_adapter(spec)
         if (path / LORA_FILE).is_file():
             name = f"adapter{i}"
-            try:
-                pipe.load_lora_weights(path, adapter_name=name)
-            except Exception as e:
-                raise DifflabError(f"could not load LoRA adapter {path}: {str(e).splitlines()[0]}") from e
+            from difflab.sliders.lora import load_lora
+            load_lora(pipe, path, name)
             names.append(name)
             weights.append(scale)
         elif (path / "pytorch_custom_diffusion_weights.safetensors").is_file() or (path / "delta.bin").is_file():
@@ -53,3 +51,4 @@ def apply_adapters(pipe, specs: list[str]) -> None:
                                "pytorch_custom_diffusion_weights.safetensors or delta.bin)")
     if names:
         pipe.set_adapters(names, adapter_weights=weights)
+    return names, weights

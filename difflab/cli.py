@@ -119,9 +119,20 @@ def judge(folder, alias):
 @click.option("--steps", type=click.IntRange(1), default=25, show_default=True, help="Denoising steps.")
 @click.option("--guidance", type=float, default=5.0, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--adapter", "adapters", multiple=True, metavar="DIR[:SCALE]", help="An adapter folder (repeatable).")
+@click.option("--slider", "sliders", multiple=True, metavar="DIR[:SCALE]",
+              help="A slider folder at a scale, e.g. RUN/slider_3:1.5 (repeatable; scales add).")
+@click.option("--slider-start", type=click.IntRange(0), default=0, show_default=True,
+              help="Apply the sliders from this denoising step on (earlier steps keep the base layout).")
+@click.option("--sliders", "diverse_run", type=click.Path(path_type=Path), default=None,
+              help="A `sliders discover` run, for --diverse.")
+@click.option("--diverse", is_flag=True, help="Each image gets a random sparse composition of the run's sliders.")
+@click.option("--diverse-k", type=click.IntRange(1), default=2, show_default=True, help="Sliders per image.")
+@click.option("--diverse-scale", type=click.FloatRange(0), default=2.0, show_default=True,
+              help="Scales are drawn from U[-s, s].")
 @click.option("--device", default=None, help="torch device (default: cpu).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-def generate(model, prompts, prompts_file, n, seed, steps, guidance, adapters, device, out):
+def generate(model, prompts, prompts_file, n, seed, steps, guidance, adapters, sliders, slider_start, diverse_run,
+             diverse, diverse_k, diverse_scale, device, out):
     """Generate images: OUT gets PNGs and metadata.jsonl (file, prompt, seed, settings)."""
     from difflab.generate import generate as api_generate
     prompts = list(prompts)
@@ -130,8 +141,11 @@ def generate(model, prompts, prompts_file, n, seed, steps, guidance, adapters, d
             prompts += [l.strip() for l in Path(prompts_file).read_text().splitlines() if l.strip()]
         except OSError as e:
             raise DifflabError(f"cannot read --prompts-file {prompts_file}: {e.strerror}")
+    if diverse != (diverse_run is not None):
+        raise DifflabError("--diverse and --sliders RUN go together")
     api_generate(prompts, out, model=model, n=n, seed=seed, steps=steps, guidance=guidance,
-                 adapters=list(adapters), device=device)
+                 adapters=list(adapters), device=device, sliders=list(sliders), slider_start=slider_start,
+                 diverse=diverse_run, diverse_k=diverse_k, diverse_scale=diverse_scale)
     click.echo(f"wrote {len(prompts) * n} images to {out}")
 
 
@@ -219,6 +233,86 @@ def erase(model, target, anchor, anchor_prompts, method, params, steps, lr, reg_
             raise DifflabError(f"cannot read --anchor-prompts {anchor_prompts}: {e.strerror}")
     cfg = EraseConfig(method=method, params=params, steps=steps, lr=lr, reg_weight=reg_weight, seed=seed)
     click.echo(json.dumps(erase_run(model, target, anchor, out, cfg, prompts), indent=2))
+
+
+# --- sliders -------------------------------------------------------------------------------------------------
+@main.group(cls=_Group)
+def sliders():
+    """SliderSpace (discover a prompt's directions of variation) and Concept Sliders (from text), as LoRAs.
+
+    Every slider is a folder that `difflab generate --slider DIR:SCALE` and diffusers' `pipe.load_lora_weights`
+    both load.
+    """
+
+
+@sliders.command("discover")
+@click.option("--model", default="shapes", show_default=True, help='"shapes", a diffusers folder, or a hub id.')
+@click.option("--prompt", "prompts", multiple=True, help="The concept prompt (repeat for prompt variants).")
+@click.option("--prompts-file", type=click.Path(path_type=Path), help="More prompt variants, one a line.")
+@click.option("--num", "num", type=click.IntRange(1), default=8, show_default=True, help="Sliders (principal directions).")
+@click.option("--samples", type=click.IntRange(2), default=512, show_default=True, help="Images for the PCA.")
+@click.option("--feature-point", type=click.Choice(["final", "x0"]), default="final", show_default=True,
+              help="PCA on final images (official code) or on one-step x0 predictions (paper).")
+@click.option("--steps", type=click.IntRange(1), default=300, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--rank", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--targets", type=click.Choice(["xattn_kv", "xattn", "noxattn", "attn"]), default="xattn_kv", show_default=True)
+@click.option("--init", type=click.Choice(["ortho", "zero"]), default="ortho", show_default=True,
+              help="ortho: frozen random B, trained A (official); zero: standard LoRA.")
+@click.option("--sliders-per-step", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--clip", default="shapes-clip", show_default=True, help="The CLIP image tower (shapes-clip or a transformers CLIP).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def sliders_discover(model, prompts, prompts_file, num, samples, feature_point, steps, lr, rank, targets, init,
+                     sliders_per_step, clip, seed, out):
+    """Discover NUM sliders for a prompt: OUT/slider_0 .. slider_{NUM-1} (LoRA folders with strip.png),
+    contact_sheet.png, pca.safetensors, metrics.json (on the shapes model: what each slider moves)."""
+    from difflab.sliders import DiscoverConfig, discover
+    prompts = list(prompts)
+    if prompts_file:
+        try:
+            prompts += [l.strip() for l in Path(prompts_file).read_text().splitlines() if l.strip()]
+        except OSError as e:
+            raise DifflabError(f"cannot read --prompts-file {prompts_file}: {e.strerror}")
+    if not prompts:
+        raise DifflabError("give --prompt TEXT (or --prompts-file FILE)")
+    cfg = DiscoverConfig(num_sliders=num, num_samples=samples, feature_point=feature_point, steps=steps, lr=lr,
+                         rank=rank, alpha=float(rank), targets=targets, init=init, sliders_per_step=sliders_per_step,
+                         clip=clip, seed=seed)
+    click.echo(json.dumps(discover(model, prompts, out, cfg), indent=2))
+
+
+@sliders.command("text")
+@click.option("--model", default="shapes", show_default=True)
+@click.option("--target", required=True, help='The prompt the slider acts on, e.g. "a shape".')
+@click.option("--positive", required=True, help='Towards this at positive scales, e.g. "a large shape".')
+@click.option("--negative", required=True, help='Towards this at negative scales, e.g. "a small shape".')
+@click.option("--neutral", default=None, help="Neutral prompt (default: the target).")
+@click.option("--eta", type=float, default=2.0, show_default=True, help="Guidance scale of the edit.")
+@click.option("--action", type=click.Choice(["enhance", "erase"]), default="enhance", show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=500, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--rank", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--targets", type=click.Choice(["xattn_kv", "xattn", "noxattn", "attn"]), default="noxattn", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def sliders_text(model, target, positive, negative, neutral, eta, action, steps, lr, rank, targets, seed, out):
+    """Concept Slider from text: OUT is a slider folder (use --slider OUT:SCALE), with strip.png and
+    metrics.json (on the shapes model: how the oracle's size follows the scale)."""
+    from difflab.sliders import TextSliderConfig, train_text_slider
+    cfg = TextSliderConfig(eta=eta, action=action, steps=steps, lr=lr, rank=rank, targets=targets, seed=seed)
+    click.echo(json.dumps(train_text_slider(model, target, positive, negative, out, neutral, cfg), indent=2))
+
+
+@sliders.command("import")
+@click.argument("pt_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--model", default="shapes", show_default=True, help="The base model the slider was trained on.")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def sliders_import(pt_file, model, out):
+    """Convert an official kohya-style slider .pt (lora_down / lora_up / alpha) into a slider folder."""
+    from difflab.sliders import import_kohya
+    import_kohya(pt_file, out, model)
+    click.echo(f"wrote {out}")
 
 
 # --- score / similarity ------------------------------------------------------------------------------------
@@ -398,7 +492,7 @@ def detect_inpaint(model, real, n, steps, guidance, seed, out):
 @click.option("--inpainted", multiple=True, type=click.Path(path_type=Path), help="Folders from `detect inpaint`.")
 @click.option("--real", multiple=True, type=click.Path(path_type=Path), help="Whole real images (empty masks; CutMix source).")
 @click.option("--cutmix-fake", multiple=True, type=click.Path(path_type=Path), help="Whole generated images for CutMix.")
-@click.option("--steps", type=click.IntRange(1), default=1500, show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=3000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -428,11 +522,13 @@ def detect_localize(run, image, out):
 @click.option("--n", "n", type=click.IntRange(1), default=4, show_default=True, help="Images per prompt.")
 @click.option("--seed", type=int, default=1000, show_default=True)
 @click.option("--train-steps", type=click.IntRange(0), default=400, show_default=True,
-              help="Steps of the customize and erase demos (0 skips them; shapes model only).")
-def tour(out, model, n, seed, train_steps):
+              help="Steps of the customize, erase and detection demos (0 skips them; shapes model only).")
+@click.option("--detect-images", type=click.IntRange(0), default=300, show_default=True,
+              help="Real images in the detection demo (0 skips it).")
+def tour(out, model, n, seed, train_steps, detect_images):
     """The main job: sample the world, generate a prompt grid, judge it, write OUT/report.html."""
     from difflab.tour import run_tour
-    metrics = run_tour(out, model=model, n=n, seed=seed, train_steps=train_steps)
+    metrics = run_tour(out, model=model, n=n, seed=seed, train_steps=train_steps, detect_images=detect_images)
     click.echo(json.dumps(metrics, indent=2))
     click.echo(f"open {out / 'report.html'}")
 

@@ -17,7 +17,8 @@ from difflab.world.dataset import parse_prompt
 from difflab.world.evaluate import BARS, evaluate, headline, prompt_sets
 
 
-def run_tour(out: Path, model: str = "shapes", n: int = 4, seed: int = 1000, train_steps: int = 400) -> dict:
+def run_tour(out: Path, model: str = "shapes", n: int = 4, seed: int = 1000, train_steps: int = 400,
+             detect_images: int = 300) -> dict:
     out = Path(out)
     t0 = time.time()
     pipe = load_pipeline(model)
@@ -64,9 +65,13 @@ def run_tour(out: Path, model: str = "shapes", n: int = 4, seed: int = 1000, tra
         if model == "shapes" and train_steps:
             edit_section, edit_metrics = customize_erase_section(tmp / "edit", train_steps, pipe, seed=seed)
             sections.append(("Customize and erase", edit_section))
+        det_metrics = {}
+        if model == "shapes" and train_steps and detect_images:
+            det_section, det_metrics = detection_section(tmp / "detect", train_steps, pipe, detect_images, seed=seed)
+            sections.append(("Detection", det_section))
         report.write_report(tmp / "report.html", "difflab tour", sections,
                             subtitle=f"model {model}; {time.strftime('%Y-%m-%d %H:%M')}")
-        metrics = {**{k: round(v, 4) for k, v in head.items()}, "world_oracle_all_factors": world_acc, **sim_metrics, **edit_metrics,
+        metrics = {**{k: round(v, 4) for k, v in head.items()}, "world_oracle_all_factors": world_acc, **sim_metrics, **edit_metrics, **det_metrics,
                    "seconds": round(time.time() - t0, 1)}
         write_metrics(tmp, metrics)
     return metrics
@@ -139,3 +144,51 @@ def _with_adapter(folder: Path):
     pipe = load_pipeline("shapes")
     apply_adapters(pipe, [str(folder)])
     return pipe
+
+
+def detection_section(folder: Path, steps: int, pipe, n_real: int, seed: int = 0) -> tuple[str, dict]:
+    """A short online stream (three generators of the shapes model) as a heat-map, and a pixel-level detector's
+    localisation of held-out inpainted images beside the true masks. Trained `steps` steps here; the
+    full-length figures are in docs/BENCHMARKS.md."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from difflab.detect import run_stream
+    from difflab.detect.data import split_mask
+    from difflab.detect.pixel import (PixelConfig, make_inpainted, pixel_metrics, predict_masks, read_masked_folder,
+                                      train_pixel_detector)
+    from difflab.detect.model import load_detector
+    folder.mkdir(parents=True)
+    cfg = {"real": {"world": {"n": n_real, "seed": seed}},
+           "generators": [{"name": "ddim25", "make": {"model": "shapes", "steps": 25}},
+                          {"name": "guidance1", "make": {"model": "shapes", "guidance": 1.0}},
+                          {"name": "gen64-down", "make": {"model": "shapes", "size": 64}}],
+           "train": {"steps": steps}, "update_steps": max(1, steps // 2)}
+    (folder / "stream.json").write_text(json.dumps(cfg))
+    sm = run_stream(folder / "stream.json", folder / "stream")
+    make_inpainted(pipe, folder / "stream" / "data" / "real", folder / "inpainted", seed=seed)
+    pm = train_pixel_detector([folder / "inpainted"], folder / "pixel", PixelConfig(steps=steps))
+    x, m, files = read_masked_folder(folder / "inpainted", 32)
+    test = split_mask(files, "test")
+    x, m = x[test][:8], m[test][:8]
+    model, _ = load_detector(folder / "pixel", kind="pixel")
+    prob = predict_masks(model, x)
+    images, caps = [], []
+    for xi, mi, pi in zip(x, m, prob):
+        images += [Image.fromarray(xi), Image.fromarray((mi * 255).astype(np.uint8)),
+                   Image.fromarray((pi * 255).astype(np.uint8))]
+        caps += ["inpainted image", "true mask", f"predicted (IoU {pixel_metrics(pi[None], mi[None])['iou']:.2f})"]
+    names = sm["generators"]
+    body = (f"<p>{n_real} procedural reals; each generator makes one image per real caption. The detector trains "
+            f"on the first generator ({steps} steps), then is updated on each next one with replay "
+            f"({max(1, steps // 2)} steps); after each step it is tested on every generator's held-out split. "
+            "Rows: trained through; columns: tested on (AP).</p>"
+            + report.table(["trained through", *names], [[n, *row] for n, row in zip(names, sm["ap"])])
+            + f"<img style='width:auto;height:auto' src='{report.data_uri(Image.open(folder / 'stream' / 'ap_matrix.png'))}'>"
+            + f"<p>Pixel level: random 15-35 % masks inpainted by the shapes model, original pixels pasted back; "
+              f"held-out pixel AP {pm['pixel_ap']:.3f}, IoU {pm['iou']:.3f}.</p>" + report.grid(images, caps))
+    metrics = {f"detect_ap_{names[i]}_after_{names[i]}": sm["ap"][i][i] for i in range(len(names))}
+    metrics.update(detect_pixel_ap=pm["pixel_ap"], detect_iou=pm["iou"])
+    return body, metrics

@@ -82,7 +82,8 @@ def test_judge_alias(tmp_path):
 
 
 def test_tour_writes_report_and_metrics(tmp_path):
-    res = CliRunner().invoke(main, ["tour", "--out", str(tmp_path / "t"), "--n", "1", "--train-steps", "5"])
+    res = CliRunner().invoke(main, ["tour", "--out", str(tmp_path / "t"), "--n", "1", "--train-steps", "5",
+                                    "--detect-images", "30"])
     assert res.exit_code == 0, res.output
     html = (tmp_path / "t" / "report.html").read_text()
     assert "data:image/png;base64" in html and "color_shape.joint" in html
@@ -90,3 +91,4 @@ def test_tour_writes_report_and_metrics(tmp_path):
     assert 0 <= m["color_shape.joint"] <= 1 and m["command"].startswith("difflab")
     assert (tmp_path / "t" / "generated" / "color_shape" / "judge.json").exists()
     assert "Customize and erase" in html and 0 <= m["edit_new1_rate"] <= 1 and "edit_target_rate_after" in m
+    assert "Detection" in html and 0 <= m["detect_iou"] <= 1 and "detect_ap_ddim25_after_ddim25" in m
