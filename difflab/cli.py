@@ -417,6 +417,8 @@ def detect():
 @click.option("--backbone", default="cnn", show_default=True,
               help='"cnn" (built-in, trained end to end), or a frozen backbone with a linear probe: "shapes-clip", '
                    "a transformers CLIP/DINO folder or hub id (UniversalFakeDetect).")
+@click.option("--tune", type=click.Choice(["probe", "full"]), default="probe", show_default=True,
+              help="For a named backbone: frozen + linear probe, or every weight trained (CNNDetection).")
 @click.option("--steps", type=click.IntRange(1), default=600, show_default=True)
 @click.option("--batch-size", type=click.IntRange(2), default=64, show_default=True, help="Half real, half fake.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
@@ -427,11 +429,11 @@ def detect():
 @click.option("--crop-size", type=click.IntRange(8), default=None, help="Model input (default: the backbone's; 32 for cnn).")
 @click.option("--load-size", type=click.IntRange(8), default=None, help="Resize to this before the crop (default: 256/224 of the crop, or the crop for small images).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def detect_train(real, fake, out, backbone, steps, batch_size, lr, blur_prob, jpeg_prob, crop_size, load_size, seed):
+def detect_train(real, fake, out, backbone, tune, steps, batch_size, lr, blur_prob, jpeg_prob, crop_size, load_size, seed):
     """Train an image-level detector. OUT gets the detector, config.json and metrics.json
     ({"ap", "acc", "acc_best", "acc_calibrated", "per_fake": {FOLDER: {"ap", ...}}} on the test split)."""
     from difflab.detect import AugmentConfig, DetectConfig, train_detector
-    cfg = DetectConfig(backbone=backbone, steps=steps, batch_size=batch_size, lr=lr, seed=seed, crop_size=crop_size,
+    cfg = DetectConfig(backbone=backbone, tune=tune, steps=steps, batch_size=batch_size, lr=lr, seed=seed, crop_size=crop_size,
                        load_size=load_size, augment=AugmentConfig(blur_prob=blur_prob, jpeg_prob=jpeg_prob))
     click.echo(json.dumps(train_detector(list(real), list(fake), out, cfg), indent=2))
 

@@ -57,6 +57,8 @@ class Backbone(nn.Module):
     def dim(self) -> int:
         if self.kind == "clip":
             return self.model.visual_projection.out_features
+        if self.kind == "cnn":
+            return self.model.config.hidden_sizes[-1]
         return self.model.config.hidden_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +67,8 @@ class Backbone(nn.Module):
         x = (x - self.mean) / self.std
         if self.kind == "clip":
             return self.model(x)
+        if self.kind == "cnn":   # ResNet / ConvNeXt: the globally pooled last stage
+            return self.model(pixel_values=x).pooler_output.flatten(1)
         out = self.model(pixel_values=x, output_hidden_states=True)
         return out.hidden_states[-1][:, 0]   # DINO: the last block's CLS, before the final LayerNorm
 
@@ -80,7 +84,8 @@ def _load_clip_tower(path: str):
 
 
 def load_backbone(name_or_path: str) -> Backbone:
-    """"shapes-clip" (shipped), or a transformers CLIP / DINO / DINOv2 / ViT folder or hub id."""
+    """"shapes-clip" (shipped), or a transformers CLIP / DINO / DINOv2 / ViT folder or hub id, or a CNN
+    (ResNet, ConvNeXt: its pooled last stage; for detection)."""
     from transformers import AutoConfig, AutoModel
     if name_or_path == SHAPES_CLIP:
         from difflab.models import shapes_dir
@@ -95,7 +100,8 @@ def load_backbone(name_or_path: str) -> Backbone:
     except Exception as e:
         raise DifflabError(f"could not load backbone {name_or_path!r}: {str(e).splitlines()[0][:200]}") from e
     size = getattr(m.config, "image_size", 224)
-    return Backbone(m, "vit", size if isinstance(size, int) else size[0], IMAGENET_MEAN, IMAGENET_STD,
+    kind = "cnn" if hasattr(m.config, "hidden_sizes") else "vit"   # ResNet/ConvNeXt/RegNet vs ViT-like
+    return Backbone(m, kind, size if isinstance(size, int) else size[0], IMAGENET_MEAN, IMAGENET_STD,
                     str(name_or_path))
 
 

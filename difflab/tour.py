@@ -65,13 +65,17 @@ def run_tour(out: Path, model: str = "shapes", n: int = 4, seed: int = 1000, tra
         if model == "shapes" and train_steps:
             edit_section, edit_metrics = customize_erase_section(tmp / "edit", train_steps, pipe, seed=seed)
             sections.append(("Customize and erase", edit_section))
+        sl_metrics = {}
+        if model == "shapes" and train_steps:
+            sl_section, sl_metrics = sliders_section(tmp / "sliders", train_steps, pipe, seed=seed)
+            sections.append(("Sliders", sl_section))
         det_metrics = {}
         if model == "shapes" and train_steps and detect_images:
             det_section, det_metrics = detection_section(tmp / "detect", train_steps, pipe, detect_images, seed=seed)
             sections.append(("Detection", det_section))
         report.write_report(tmp / "report.html", "difflab tour", sections,
                             subtitle=f"model {model}; {time.strftime('%Y-%m-%d %H:%M')}")
-        metrics = {**{k: round(v, 4) for k, v in head.items()}, "world_oracle_all_factors": world_acc, **sim_metrics, **edit_metrics, **det_metrics,
+        metrics = {**{k: round(v, 4) for k, v in head.items()}, "world_oracle_all_factors": world_acc, **sim_metrics, **edit_metrics, **sl_metrics, **det_metrics,
                    "seconds": round(time.time() - t0, 1)}
         write_metrics(tmp, metrics)
     return metrics
@@ -191,4 +195,32 @@ def detection_section(folder: Path, steps: int, pipe, n_real: int, seed: int = 0
               f"held-out pixel AP {pm['pixel_ap']:.3f}, IoU {pm['iou']:.3f}.</p>" + report.grid(images, caps))
     metrics = {f"detect_ap_{names[i]}_after_{names[i]}": sm["ap"][i][i] for i in range(len(names))}
     metrics.update(detect_pixel_ap=pm["pixel_ap"], detect_iou=pm["iou"])
+    return body, metrics
+
+
+def sliders_section(folder: Path, steps: int, pipe, seed: int = 0, num: int = 6) -> tuple[str, dict]:
+    """SliderSpace on "a shape" (contact sheet; what each slider moves, by the oracle) and the text slider
+    small -> large (its strip and the oracle's size per scale). Trained `steps` steps each here."""
+    from PIL import Image
+
+    from difflab.sliders import DiscoverConfig, TextSliderConfig, discover, train_text_slider
+    folder.mkdir(parents=True)
+    dm = discover("shapes", "a shape", folder / "discover",
+                  DiscoverConfig(num_sliders=num, num_samples=max(4 * num, min(512, 2 * steps)), steps=steps, seed=seed))
+    tm = train_text_slider("shapes", "a shape", "a large shape", "a small shape", folder / "size",
+                           cfg=TextSliderConfig(steps=steps, seed=seed))
+    rows = [[name, s["dominant_factor"], s["changed"]] for name, s in dm["sliders"].items()]
+    body = (f"<p>SliderSpace: {dm['num_sliders']} principal directions of the shapes CLIP features of "
+            f"\"a shape\" images, one rank-1 LoRA each ({steps} steps). Each row of the sheet is one slider at "
+            "scales -2..+2 (same seed); the table says which factor the oracle sees it move most between -2 and "
+            "+2, and for what share of 32 seeds that factor changes.</p>"
+            + f"<img style='width:auto;height:auto' src='{report.data_uri(Image.open(folder / 'discover' / 'contact_sheet.png'))}'>"
+            + report.table(["slider", "dominant factor", "changed"], rows)
+            + "<p>Concept Slider from text: \"a small shape\" -> \"a large shape\" on \"a shape\"; rows are seeds, "
+              "columns scales -2..+2. The oracle's mean size level (0 small, 1 medium, 2 large) per scale: "
+            + html.escape(str(tm["size_mean_by_scale"])) + "</p>"
+            + f"<img style='width:auto;height:auto' src='{report.data_uri(Image.open(folder / 'size' / 'strip.png'))}'>")
+    metrics = {"sliders_distinct_dominant_factors": dm["distinct_dominant_factors"],
+               "sliders_min_changed": dm["min_changed"], "size_slider_top_gt_bottom": tm["size_top_gt_bottom"],
+               "size_slider_shape_color_unchanged": tm["shape_color_unchanged"]}
     return body, metrics

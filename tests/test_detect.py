@@ -269,3 +269,21 @@ def test_cutmix_pixel_detector_learns(folders, tmp_path):
     m = train_pixel_detector([], tmp_path / "cm", PixelConfig(steps=120, batch_size=16, progress=False),
                              real=[folders["real"]], cutmix_fake=[folders["noise"]])
     assert m["test"] == "cutmix" and m["iou"] > 0.6 and m["pixel_ap"] > 0.8, m
+
+
+def test_cnndetection_recipe_on_a_transformers_resnet(folders, tmp_path):
+    """A transformers ResNet (tiny, random, saved locally) trained end to end, saved whole, reloaded equal."""
+    from transformers import ResNetConfig, ResNetModel
+
+    from difflab.detect import DetectConfig, load_detector, train_detector
+    from difflab.detect.image import predict
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(tmp_path / "rn")
+    m = train_detector([folders["real"]], [folders["noise"]], tmp_path / "run",
+                       DetectConfig(backbone=str(tmp_path / "rn"), tune="full", steps=3, batch_size=8,
+                                    crop_size=32, progress=False))
+    model, cfg = load_detector(tmp_path / "run")
+    assert cfg["tune"] == "full" and any(k.startswith("features.") for k in model.trainable())
+    arr, paths = D.read_folder(folders["noise"], 32)
+    test = D.split_mask(paths, "test")
+    p_fake = predict(model, arr[test], 32)
+    assert m["per_fake"]["noise"]["acc_fake"] == pytest.approx(float((p_fake > 0.5).mean()))

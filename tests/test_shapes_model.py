@@ -91,4 +91,5 @@ def test_tour_writes_report_and_metrics(tmp_path):
     assert 0 <= m["color_shape.joint"] <= 1 and m["command"].startswith("difflab")
     assert (tmp_path / "t" / "generated" / "color_shape" / "judge.json").exists()
     assert "Customize and erase" in html and 0 <= m["edit_new1_rate"] <= 1 and "edit_target_rate_after" in m
+    assert "Sliders" in html and "sliders_distinct_dominant_factors" in m
     assert "Detection" in html and 0 <= m["detect_iou"] <= 1 and "detect_ap_ddim25_after_ddim25" in m

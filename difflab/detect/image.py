@@ -29,7 +29,8 @@ from difflab.errors import DifflabError
 
 @dataclass
 class DetectConfig:
-    backbone: str = BUILTIN       # "cnn", or a frozen backbone with a linear probe ("shapes-clip", CLIP, DINO)
+    backbone: str = BUILTIN       # "cnn", or a backbone with a linear head ("shapes-clip", CLIP, DINO, ResNet)
+    tune: str = "probe"           # for a named backbone: "probe" (frozen, UFD) or "full" (CNNDetection)
     width: int = 32               # the built-in CNN's width
     crop_size: int | None = None  # model input; default: the backbone's image size (32 for "cnn")
     load_size: int | None = None  # images are first resized to this (shorter side) and centre-cropped square
@@ -86,8 +87,9 @@ def load_sources(folders: list[str | Path], label: int, size: int, taken: set[st
 
 
 def to_tensor(arrays: np.ndarray | list[np.ndarray]) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(np.stack(list(arrays)))).permute(0, 3, 1, 2).float().div(255)
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1], contiguous (a channels-last view would send some
+    backbones down channels-last kernels: torch 2.13's CPU ResNet backward segfaults on them)."""
+    return torch.from_numpy(np.ascontiguousarray(np.stack(list(arrays)))).permute(0, 3, 1, 2).float().div(255).contiguous()
 
 
 def training_batches(reals: list[np.ndarray], fakes: list[np.ndarray], fake_weights: list[float],
@@ -196,7 +198,7 @@ def train_detector(real: list[str | Path], fake: list[str | Path], out: str | Pa
     cfg = cfg or DetectConfig()
     if not real or not fake:
         raise DifflabError("detection needs at least one --real and one --fake folder")
-    model = Detector(cfg.backbone, cfg.width)
+    model = Detector(cfg.backbone, cfg.width, cfg.tune)
     cfg.resolve_sizes(model)
     taken: set[str] = set()
     reals, fakes = load_sources(real, 0, cfg.load_size, taken), load_sources(fake, 1, cfg.load_size, taken)

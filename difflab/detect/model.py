@@ -3,8 +3,9 @@
 - "cnn": a small residual CNN trained end to end (the CNNDetection recipe, sized for the shapes world's 32 px;
   at full resolution for its first layers, because a generator's fingerprint is in the high frequencies that
   early striding would average away). It runs at any input size.
-- any `difflab.similarity.load_backbone` name ("shapes-clip", a transformers CLIP / DINO folder or hub id):
-  frozen, with a linear probe on its (projected) CLS feature: UniversalFakeDetect's recipe.
+- any `difflab.similarity.load_backbone` name ("shapes-clip", a transformers CLIP / DINO / ResNet folder or hub
+  id) with a linear head: frozen (tune "probe", UniversalFakeDetect's recipe on CLIP) or trained end to end
+  (tune "full", CNNDetection's recipe on an ImageNet ResNet-50, e.g. microsoft/resnet-50).
 - `PixelDetector`: a fully convolutional network with one output channel per pixel (fake = 1), for inpainted
   regions (the online-detection paper's pixel-level head; FCN-style, dilated instead of downsampled).
 """
@@ -63,16 +64,18 @@ class SmallCNN(nn.Module):
 class Detector(nn.Module):
     """Image-level detector: images in [0, 1] (N, 3, H, W) -> logits (N,), fake = positive."""
 
-    def __init__(self, backbone: str = BUILTIN, width: int = 32):
+    def __init__(self, backbone: str = BUILTIN, width: int = 32, tune: str = "probe"):
         super().__init__()
-        self.backbone_name, self.width = backbone, width
+        if tune not in ("probe", "full"):
+            raise DifflabError(f"tune {tune!r}: probe (frozen backbone, UniversalFakeDetect) or full (CNNDetection)")
+        self.backbone_name, self.width, self.tune = backbone, width, tune
         if backbone == BUILTIN:
             self.features = SmallCNN(width)
             dim = self.features.dim
         else:
             from difflab.similarity import load_backbone
             self.features = load_backbone(backbone)
-            self.features.requires_grad_(False)
+            self.features.requires_grad_(tune == "full")
             dim = self.features.dim
         self.head = nn.Linear(dim, 1)
         nn.init.normal_(self.head.weight, 0.0, 0.02)   # CNNDetection's fc initialisation
@@ -80,21 +83,28 @@ class Detector(nn.Module):
 
     @property
     def frozen(self) -> bool:
-        return self.backbone_name != BUILTIN
+        return self.backbone_name != BUILTIN and self.tune == "probe"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.frozen:
+        if self.backbone_name == BUILTIN:
+            f = self.features(x * 2 - 1)
+        elif self.frozen:
             with torch.no_grad():
                 f = self.features(x)   # the backbone resizes and normalises itself
         else:
-            f = self.features(x * 2 - 1)
+            f = self.features(x)
         return self.head(f).squeeze(-1)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: the head alone for a frozen backbone (named in the config, not copied);
+        otherwise every tensor, buffers included (BatchNorm running statistics change in training)."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad} if self.frozen else self.state_dict()
+
     def config(self) -> dict:
-        return {"kind": "image", "backbone": self.backbone_name, "width": self.width}
+        return {"kind": "image", "backbone": self.backbone_name, "width": self.width, "tune": self.tune}
 
 
 class PixelDetector(nn.Module):
@@ -116,6 +126,9 @@ class PixelDetector(nn.Module):
     def trainable(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()
+
     def config(self) -> dict:
         return {"kind": "pixel", "backbone": "fcn", "width": self.width}
 
@@ -127,7 +140,7 @@ def save_detector(model: nn.Module, folder: str | Path, extra: dict | None = Non
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).write_text(json.dumps({**model.config(), **(extra or {})}, indent=2) + "\n")
-    save_file({n: p.detach().contiguous() for n, p in model.trainable().items()}, folder / WEIGHTS_FILE)
+    save_file({n: p.detach().contiguous() for n, p in model.weights().items()}, folder / WEIGHTS_FILE)
 
 
 def read_detector_config(folder: str | Path) -> dict:
@@ -148,12 +161,13 @@ def load_detector(folder: str | Path, kind: str | None = None) -> tuple[nn.Modul
     if kind is not None and cfg.get("kind") != kind:
         want = {"image": "an image-level run (detect train)", "pixel": "a pixel-level run (detect train-pixel)"}
         raise DifflabError(f"{folder} is a {cfg.get('kind')}-level detector; this command needs {want[kind]}")
-    model = PixelDetector(cfg["width"]) if cfg["kind"] == "pixel" else Detector(cfg["backbone"], cfg["width"])
+    model = PixelDetector(cfg["width"]) if cfg["kind"] == "pixel" else \
+        Detector(cfg["backbone"], cfg["width"], cfg.get("tune", "probe"))
     try:
         state = load_file(folder / WEIGHTS_FILE)
     except (OSError, SafetensorError) as e:
         raise DifflabError(f"cannot read {folder / WEIGHTS_FILE}: {e}") from e
-    own = model.trainable()
+    own = model.weights()
     bad = sorted(k for k in own if k not in state or state[k].shape != own[k].shape) + sorted(set(state) - set(own))
     if bad:
         raise DifflabError(f"{folder / WEIGHTS_FILE} does not fit backbone {cfg['backbone']!r} "

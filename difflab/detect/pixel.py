@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from difflab import metrics as M
 from difflab.detect.data import AugmentConfig, augment, read_folder, read_image, resize_square, split_mask
+from difflab.detect.image import to_tensor
 from difflab.errors import DifflabError
 
 MASK_FRACTION = (0.15, 0.35)
@@ -168,15 +169,13 @@ class PixelConfig:
     progress: bool = True
 
 
-def _to_x(arrs) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.stack(list(arrs)))).permute(0, 3, 1, 2).float().div(255)
 
 
 @torch.no_grad()
 def predict_masks(model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """P(fake) per pixel, (N, H, W)."""
     model.eval()
-    return np.concatenate([torch.sigmoid(model(_to_x(images[i:i + batch_size]))).numpy()
+    return np.concatenate([torch.sigmoid(model(to_tensor(images[i:i + batch_size]))).numpy()
                            for i in range(0, len(images), batch_size)])
 
 
@@ -238,7 +237,7 @@ def train_pixel_detector(inpainted: list[str | Path], out: str | Path, cfg: Pixe
                 x, m = x[:, ::-1], m[:, ::-1]
             xs.append(x)
             ms.append(m)
-        return {"x": _to_x(xs), "m": torch.from_numpy(np.ascontiguousarray(np.stack(ms)))}
+        return {"x": to_tensor(xs), "m": torch.from_numpy(np.ascontiguousarray(np.stack(ms)))}
 
     def loss_fn(b):
         logits = model(b["x"])
