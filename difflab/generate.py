@@ -32,7 +32,6 @@ def generate_images(pipe, prompts: list[str], n: int = 1, seed: int = 0, steps: 
     from tqdm.auto import tqdm
     check_prompts(prompts)
     jobs = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(n))]
-    device = pipe.device
     images, records = [], []
     for i in tqdm(range(0, len(jobs), batch_size), desc="generate", disable=not progress, unit="batch"):
         chunk = jobs[i:i + batch_size]

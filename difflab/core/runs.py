@@ -35,7 +35,11 @@ def atomic_write_json(path: Path, obj) -> None:
 def write_metrics(folder: Path, metrics: dict, command: str | None = None) -> dict:
     """metrics.json: flat keys and numbers, plus the command and difflab's version."""
     out = dict(metrics)
-    out["command"] = command if command is not None else " ".join(["difflab"] + sys.argv[1:])
+    if command is None:   # the CLI's argv, or the script (a benchmark) that called the API
+        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+        prog = f"python {sys.argv[0]}" if prog.endswith(".py") and prog not in ("cli.py", "__main__.py") else "difflab"
+        command = " ".join([prog] + sys.argv[1:])
+    out["command"] = command
     out["difflab_version"] = __version__
     atomic_write_json(Path(folder) / "metrics.json", out)
     return out

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from difflab import metrics as M
 from difflab.detect.data import AugmentConfig, augment, crop, read_folder, split_mask
-from difflab.detect.model import BUILTIN, Detector, load_detector, read_detector_config, save_detector
+from difflab.detect.model import BUILTIN, Detector, load_detector, save_detector
 from difflab.errors import DifflabError
 
 
@@ -265,7 +265,3 @@ def score_images(run: str | Path, paths: list[str | Path]) -> list[dict]:
     probs = predict(model, images, cfg["crop_size"])
     return [{"file": str(f), "p_fake": round(float(p), 6), "fake": bool(p > cfg["threshold"])}
             for f, p in zip(files, probs)]
-
-
-def detector_threshold(run: str | Path) -> float:
-    return float(read_detector_config(run)["threshold"])

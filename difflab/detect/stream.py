@@ -104,20 +104,24 @@ def read_stream_config(path: str | Path) -> dict:
 
 def heatmap(ap: list[list[float]], rows: list[str], cols: list[str], path: Path, title: str = "AP") -> Path:
     """The AP matrix as a PNG: one cell per (trained through row, tested on column), value printed, colour from
-    red (0.5, chance) to green (1.0); the diagonal outlined."""
+    red (the matrix's lowest value rounded down to 0.05, at most 0.5 = chance) to green (1.0); diagonal outlined."""
     from PIL import Image, ImageDraw
+    finite = [v for row in ap for v in row if v == v]
+    lo = max(0.5, np.floor(min(finite, default=0.5) * 20) / 20)
+    lo = min(lo, 0.95)
     cell, left, top = 56, 110, 70
     w, h = left + cell * len(cols) + 10, top + cell * len(rows) + 10
     im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
     d.text((left, 8), f"{title}: rows trained through, columns tested on", fill="black")
+    d.text((left, 24), f"colour: red {lo:.2f} -> green 1.00", fill="black")
     for j, c in enumerate(cols):
         d.text((left + j * cell + 4, top - 22), c[:9], fill="black")
     for i, r in enumerate(rows):
         d.text((6, top + i * cell + cell // 2 - 6), r[:16], fill="black")
         for j in range(len(cols)):
             v = ap[i][j]
-            t = float(np.clip((v - 0.5) / 0.5, 0, 1)) if v == v else 0.0
+            t = float(np.clip((v - lo) / (1 - lo), 0, 1)) if v == v else 0.0
             color = (int(230 - 180 * t), int(70 + 150 * t), 80)
             x0, y0 = left + j * cell, top + i * cell
             d.rectangle([x0, y0, x0 + cell - 2, y0 + cell - 2], fill=color,
@@ -157,9 +161,9 @@ def run_stream(config: str | Path, out: str | Path, progress: bool = True) -> di
         for i, (g, folder) in enumerate(zip(gens, folders)):
             step_dir = tmp / "steps" / f"{i}-{g['name']}"
             if i == 0:
-                m = train_detector([real], [folder], step_dir, dcfg)
+                train_detector([real], [folder], step_dir, dcfg)
             else:
-                m = update_detector(steps[-1], [folder], step_dir, steps=cfg.get("update_steps", dcfg.steps // 2),
+                update_detector(steps[-1], [folder], step_dir, steps=cfg.get("update_steps", dcfg.steps // 2),
                                     progress=progress)
             steps.append(step_dir)
             model, mc = load_detector(step_dir, kind="image")

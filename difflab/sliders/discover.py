@@ -17,9 +17,8 @@ with and its directions are those of the images users see; both are measured in 
 """
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
