@@ -1,6 +1,6 @@
 """difflab.sliders on the shapes model, judged by the oracle on seeds no training used.
 
-    python benchmarks/bench_sliders.py [--threads 2] [--out bench-sliders] [--steps 300] [--text-steps 500]
+    python benchmarks/bench_sliders.py [--threads 2] [--out bench-sliders] [--steps 600] [--text-steps 500]
         [--feature-point final|x0] [--skip-discover] [--skip-text]
 
 1. SliderSpace: 8 sliders for "a shape" (wall-clock time and per-step cost); for each slider the factor whose
@@ -45,7 +45,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("bench-sliders"))
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--text-steps", type=int, default=500)
     ap.add_argument("--feature-point", default="final")
     ap.add_argument("--skip-discover", action="store_true")

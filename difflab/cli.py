@@ -26,6 +26,16 @@ class _Group(click.Group):
             ctx.exit(2)
 
 
+def _lines(path: Path | None, option: str) -> list[str]:
+    """The non-empty lines of a text file given to `option` (none without a file); unreadable: one clear line."""
+    if not path:
+        return []
+    try:
+        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise DifflabError(f"cannot read {option} {path}: {e.strerror}")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="difflab")
 def main():
@@ -135,12 +145,7 @@ def generate(model, prompts, prompts_file, n, seed, steps, guidance, adapters, s
              diverse, diverse_k, diverse_scale, device, out):
     """Generate images: OUT gets PNGs and metadata.jsonl (file, prompt, seed, settings)."""
     from difflab.generate import generate as api_generate
-    prompts = list(prompts)
-    if prompts_file:
-        try:
-            prompts += [l.strip() for l in Path(prompts_file).read_text().splitlines() if l.strip()]
-        except OSError as e:
-            raise DifflabError(f"cannot read --prompts-file {prompts_file}: {e.strerror}")
+    prompts = list(prompts) + _lines(prompts_file, "--prompts-file")
     if diverse != (diverse_run is not None):
         raise DifflabError("--diverse and --sliders RUN go together")
     api_generate(prompts, out, model=model, n=n, seed=seed, steps=steps, guidance=guidance,
@@ -192,7 +197,7 @@ def customize(model, images, tokens, class_prompts, concepts_file, steps, lr, ba
         if not len(images) == len(tokens) == len(class_prompts):
             raise DifflabError("give one --token and one --class-prompt per --images")
         concepts = [Concept(str(i), t, c) for i, t, c in zip(images, tokens, class_prompts)]
-    reg = [line.strip() for line in reg_prompts.read_text().splitlines() if line.strip()] if reg_prompts else []
+    reg = _lines(reg_prompts, "--reg-prompts")
     cfg = CustomizeConfig(steps=steps, lr=lr, batch_size=batch_size, params=params, num_class_images=num_class_images,
                           augment=not no_augment, seed=seed, token_lr=token_lr, reg_prompts=reg)
     click.echo(json.dumps(run(model, concepts, out, cfg), indent=2))
@@ -225,12 +230,7 @@ def merge(runs, model, out):
 def erase(model, target, anchor, anchor_prompts, method, params, steps, lr, reg_weight, seed, out):
     """Concept Ablation: make prompts naming TARGET behave like ANCHOR prompts. OUT loads with --adapter."""
     from difflab.erase import EraseConfig, erase_run
-    prompts = None
-    if anchor_prompts:
-        try:
-            prompts = [l.strip() for l in Path(anchor_prompts).read_text().splitlines() if l.strip()]
-        except OSError as e:
-            raise DifflabError(f"cannot read --anchor-prompts {anchor_prompts}: {e.strerror}")
+    prompts = _lines(anchor_prompts, "--anchor-prompts") or None
     cfg = EraseConfig(method=method, params=params, steps=steps, lr=lr, reg_weight=reg_weight, seed=seed)
     click.echo(json.dumps(erase_run(model, target, anchor, out, cfg, prompts), indent=2))
 
@@ -253,7 +253,7 @@ def sliders():
 @click.option("--samples", type=click.IntRange(2), default=512, show_default=True, help="Images for the PCA.")
 @click.option("--feature-point", type=click.Choice(["final", "x0"]), default="final", show_default=True,
               help="PCA on final images (official code) or on one-step x0 predictions (paper).")
-@click.option("--steps", type=click.IntRange(1), default=300, show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=600, show_default=True)
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--rank", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--targets", type=click.Choice(["xattn_kv", "xattn", "noxattn", "attn"]), default="xattn_kv", show_default=True)
@@ -268,12 +268,7 @@ def sliders_discover(model, prompts, prompts_file, num, samples, feature_point, 
     """Discover NUM sliders for a prompt: OUT/slider_0 .. slider_{NUM-1} (LoRA folders with strip.png),
     contact_sheet.png, pca.safetensors, metrics.json (on the shapes model: what each slider moves)."""
     from difflab.sliders import DiscoverConfig, discover
-    prompts = list(prompts)
-    if prompts_file:
-        try:
-            prompts += [l.strip() for l in Path(prompts_file).read_text().splitlines() if l.strip()]
-        except OSError as e:
-            raise DifflabError(f"cannot read --prompts-file {prompts_file}: {e.strerror}")
+    prompts = list(prompts) + _lines(prompts_file, "--prompts-file")
     if not prompts:
         raise DifflabError("give --prompt TEXT (or --prompts-file FILE)")
     cfg = DiscoverConfig(num_sliders=num, num_samples=samples, feature_point=feature_point, steps=steps, lr=lr,
@@ -290,17 +285,21 @@ def sliders_discover(model, prompts, prompts_file, num, samples, feature_point, 
 @click.option("--neutral", default=None, help="Neutral prompt (default: the target).")
 @click.option("--eta", type=float, default=2.0, show_default=True, help="Guidance scale of the edit.")
 @click.option("--action", type=click.Choice(["enhance", "erase"]), default="enhance", show_default=True)
+@click.option("--attributes", default="", help='Preservation set, comma-separated, e.g. "red,green,blue" (inserted '
+                                              "before each prompt's last word).")
 @click.option("--steps", type=click.IntRange(1), default=500, show_default=True)
 @click.option("--lr", type=float, default=2e-4, show_default=True)
 @click.option("--rank", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--targets", type=click.Choice(["xattn_kv", "xattn", "noxattn", "attn"]), default="noxattn", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-def sliders_text(model, target, positive, negative, neutral, eta, action, steps, lr, rank, targets, seed, out):
+def sliders_text(model, target, positive, negative, neutral, eta, action, attributes, steps, lr, rank, targets, seed,
+                 out):
     """Concept Slider from text: OUT is a slider folder (use --slider OUT:SCALE), with strip.png and
     metrics.json (on the shapes model: how the oracle's size follows the scale)."""
     from difflab.sliders import TextSliderConfig, train_text_slider
-    cfg = TextSliderConfig(eta=eta, action=action, steps=steps, lr=lr, rank=rank, targets=targets, seed=seed)
+    cfg = TextSliderConfig(eta=eta, action=action, steps=steps, lr=lr, rank=rank, targets=targets, seed=seed,
+                           attributes=tuple(a for a in attributes.split(",") if a.strip()))
     click.echo(json.dumps(train_text_slider(model, target, positive, negative, out, neutral, cfg), indent=2))
 
 

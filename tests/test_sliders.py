@@ -63,11 +63,13 @@ def test_ortho_init_trains_only_a(tiny_pipeline_dir):
 def test_text_slider_scales_both_ways_and_diverse_mode(discover_run, tiny_pipeline_dir, tmp_path):
     r = CliRunner()
     res = r.invoke(main, ["sliders", "text", "--model", str(tiny_pipeline_dir), "--target", "a shape", "--positive",
-                          "a large shape", "--negative", "a small shape", "--steps", "2", "--out", str(tmp_path / "ts")])
+                          "a large shape", "--negative", "a small shape", "--steps", "2", "--attributes", "red, blue",
+                          "--out", str(tmp_path / "ts")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "ts" / "pytorch_lora_weights.safetensors").is_file() and (tmp_path / "ts" / "strip.png").is_file()
     meta = json.loads((tmp_path / "ts" / "slider_config.json").read_text())
     assert meta["rank"] == 4 and meta["alpha"] == 1 and meta["positive"] == "a large shape"
+    assert meta["attributes"] == ["red", "blue"]
     args = ["generate", "--model", str(tiny_pipeline_dir), "--prompt", "a shape", "--steps", "3"]
     for name, spec in (("pos", ":2"), ("neg", ":-2"), ("zero", ":0")):
         assert r.invoke(main, args + ["--slider", f"{tmp_path / 'ts'}{spec}", "--out", str(tmp_path / name)]).exit_code == 0
@@ -124,6 +126,8 @@ def test_bad_input(discover_run, tiny_pipeline_dir, tmp_path):
 
 
 def test_measures():
+    from difflab.sliders.text import with_attribute
+    assert with_attribute("a large shape", "red") == "a large red shape" and with_attribute("a shape", "") == "a shape"
     from difflab.sliders.evaluate import factor_diversity, random_compositions, tv_distance
     assert tv_distance(["a", "a", "b", "b"], ["a", "b", "b", "b"], ("a", "b")) == pytest.approx(0.25)
     f = {"shape": "star", "color": "red", "size": "small", "position": "center", "background": "white", "texture": "solid"}

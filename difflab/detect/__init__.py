@@ -12,7 +12,9 @@
 from difflab.detect.data import AugmentConfig
 from difflab.detect.image import DetectConfig, evaluate, score_images, train_detector, update_detector
 from difflab.detect.model import Detector, PixelDetector, load_detector
+from difflab.detect.pixel import PixelConfig, localize, make_inpainted, train_pixel_detector
 from difflab.detect.stream import make_generator, run_stream
 
 __all__ = ["AugmentConfig", "DetectConfig", "Detector", "PixelDetector", "load_detector", "train_detector",
-           "update_detector", "score_images", "evaluate", "run_stream", "make_generator"]
+           "update_detector", "score_images", "evaluate", "run_stream", "make_generator", "PixelConfig",
+           "make_inpainted", "train_pixel_detector", "localize"]

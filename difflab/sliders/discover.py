@@ -39,7 +39,7 @@ class DiscoverConfig:
     alpha: float = 1.0
     targets: str = "xattn_kv"         # official SDXL default: attn2.to_k / attn2.to_v
     init: str = "ortho"               # official: frozen random orthonormal B, trained A
-    steps: int = 300
+    steps: int = 600                  # 300: alignment cos 0.05 and one slider below half its seeds (BENCHMARKS.md)
     batch_size: int = 8
     sliders_per_step: int = 3         # official: 3 random sliders per step
     lr: float = 2e-3                  # official: AdamW 2e-3, constant

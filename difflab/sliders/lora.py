@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,8 +42,10 @@ def add_sliders(unet, names: list[str], rank: int = 1, alpha: float = 1.0, targe
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name in names:
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS[targets],
-                                    init_lora_weights=True), adapter_name=name)
+        with warnings.catch_warnings():   # several adapters in one model is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS[targets],
+                                        init_lora_weights=True), adapter_name=name)
         params = {}
         for mod_name, mod in unet.named_modules():
             if not hasattr(mod, "lora_A") or name not in mod.lora_A:

@@ -4,7 +4,8 @@ pole towards the `positive` one, usable at positive and negative scales.
     eps*(x_t, c_t) <- eps(x_t, c_n) + eta [eps(x_t, c_+) - eps(x_t, c_-)]        (paper eq. 8, one attribute)
 
 eps* is the model with the LoRA on, eps the frozen model, c_t the target prompt, c_n the neutral one (default:
-the target), eta the guidance scale of the edit (action "erase": -eta). x_t comes as in the official code: a
+the target), eta the guidance scale of the edit (action "erase": -eta). With a preservation set P (`attributes`), each step
+inserts one attribute p (or none) into all four prompts, so the edit is learnt at fixed p (paper eq. 8's sum). x_t comes as in the official code: a
 partial DDIM rollout from noise with the LoRA on (classifier-free guidance 3, negative prompt as the
 unconditional), stopped at a random step, so training sees the states the slider itself produces. Trained at
 scale +1 only; negative scales extrapolate.
@@ -38,8 +39,18 @@ class TextSliderConfig:
     batch_size: int = 4
     rollout_steps: int = 25       # official: 50-step DDIM, t_k ~ U{1..49}
     rollout_guidance: float = 3.0
+    attributes: tuple[str, ...] = ()   # preservation set P: each step inserts one (or none) into all four prompts
     seed: int = 0
     progress: bool = True
+
+
+def with_attribute(prompt: str, attribute: str) -> str:
+    """Insert an attribute before the prompt's last word ("a large shape", "red" -> "a large red shape"); the
+    official code prefixes it ("red, a large shape"), which reads worse to a small text encoder."""
+    if not attribute:
+        return prompt
+    head, _, last = prompt.rpartition(" ")
+    return f"{head} {attribute} {last}" if head else f"{attribute} {last}"
 
 
 @torch.no_grad()
@@ -75,8 +86,10 @@ def train_text_slider(model, target: str, positive: str, negative: str, out: str
         m.requires_grad_(False)
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(cfg.rollout_steps)
-    with torch.no_grad():
-        c_t, c_p, c_m, c_n = (encode(pipe, [p])[0] for p in (target, positive, negative, neutral))
+    attrs = [""] + [a.strip() for a in cfg.attributes if a.strip()]
+    with torch.no_grad():   # per attribute: (c_t, c_+, c_-, c_n)
+        conds = [tuple(encode(pipe, [with_attribute(p, a)])[0] for p in (target, positive, negative, neutral))
+                 for a in attrs]
     sliders = add_sliders(unet, [ADAPTER], cfg.rank, cfg.alpha, cfg.targets, cfg.init, cfg.seed)
     trainable_flags(unet, sliders)
     eta = cfg.eta if cfg.action == "enhance" else -cfg.eta
@@ -85,10 +98,12 @@ def train_text_slider(model, target: str, positive: str, negative: str, out: str
     def batch_fn(step):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         k = int(torch.randint(1, cfg.rollout_steps, (1,), generator=g))
-        return {"z": torch.randn(shape, generator=g) * sched.init_noise_sigma, "k": k}
+        a = int(torch.randint(len(attrs), (1,), generator=g))
+        return {"z": torch.randn(shape, generator=g) * sched.init_noise_sigma, "k": k, "a": a}
 
     def loss_fn(b):
         B = b["z"].shape[0]
+        c_t, c_p, c_m, c_n = conds[b["a"]]
         rep = lambda c: c.expand(B, -1, -1)
         z_t = rollout(unet, sched, b["z"], b["k"], rep(c_t), rep(c_m), cfg.rollout_guidance)   # LoRA on
         t = sched.timesteps[b["k"]]
@@ -109,7 +124,8 @@ def train_text_slider(model, target: str, positive: str, negative: str, out: str
         t_train = time.time() - t0
         save_slider(pipe, ADAPTER, tmp, {"method": "concept-sliders-text", "target": target, "positive": positive,
                                          "negative": negative, "neutral": neutral, "eta": cfg.eta,
-                                         "action": cfg.action, "base_model": str(model), "targets": cfg.targets})
+                                         "action": cfg.action, "base_model": str(model), "targets": cfg.targets,
+                                         "attributes": list(attrs[1:])})
         atomic_write_json(tmp / "config.json", {"config": asdict(cfg), "model": str(model), "target": target,
                                                 "positive": positive, "negative": negative, "neutral": neutral})
         atomic_write_json(tmp / "history.json", hist)
