@@ -1,0 +1,77 @@
+"""Feature-based attribution (AbC's untuned baseline): embed the training set once, rank it against a query by
+cosine similarity, exactly.
+
+    score(q, x_i) = cos(f(q), f(x_i)),   ranking = argsort_i(-score)
+
+Features are cached as safetensors beside the images (`.difflab-cache/features-<encoder>.safetensors`, with the
+encoder's name and the file list inside), so the training set is embedded once per encoder; a cache made with
+another encoder, or for other files, is refused rather than silently mixed. The search is an exact chunked
+matrix product in torch (AbC evaluates by brute force too): no index to build, the same answer as a full sort.
+
+Status: the first piece of issue "attribute" (tuned heads, the AbC-style benchmark, AbU and the gold standard
+are not written yet).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from difflab.errors import DifflabError
+
+
+@torch.no_grad()
+def embed_images(images, encoder: str = "shapes-clip", batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised features of PIL images under any `difflab.similarity.load_backbone` encoder."""
+    from difflab.metrics import image_features
+    return F.normalize(image_features(images, encoder, batch_size).float(), dim=-1)
+
+
+def cached_features(folder: str | Path, encoder: str = "shapes-clip") -> tuple[torch.Tensor, list[str]]:
+    """(features (N, D), files) of an image folder with metadata.jsonl, computed once per encoder and cached."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from difflab.core.data import load_folder_images, read_metadata
+    folder = Path(folder)
+    records = read_metadata(folder)
+    files = [r["file"] for r in records]
+    tag = encoder.replace("/", "--").replace("\\", "--").strip(".-") or "encoder"
+    cache = folder / ".difflab-cache" / f"features-{tag}.safetensors"
+    if cache.exists():
+        with safe_open(str(cache), "pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("encoder") != encoder:
+                raise DifflabError(f"{cache} holds features of encoder {meta.get('encoder')!r}, not {encoder!r}; "
+                                   "delete it or pass that encoder")
+            if json.loads(meta.get("files", "[]")) != files:
+                raise DifflabError(f"{cache} was made for other files than {folder}/metadata.jsonl lists; delete it")
+            return fh.get_tensor("features"), files
+    feats = embed_images(load_folder_images(folder, records), encoder).contiguous()
+    cache.parent.mkdir(exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.tmp")
+    save_file({"features": feats}, tmp, metadata={"encoder": encoder, "files": json.dumps(files)})
+    tmp.replace(cache)
+    return feats, files
+
+
+@torch.no_grad()
+def top_k(query: torch.Tensor, bank: torch.Tensor, k: int = 100, chunk: int = 262_144) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k by inner product (cosine for normalised features): (scores (Q, k), indices (Q, k)), best
+    first. The bank is scanned in chunks, keeping a running top-k, so memory stays at Q x chunk."""
+    if query.ndim == 1:
+        query = query[None]
+    if query.shape[-1] != bank.shape[-1]:
+        raise DifflabError(f"query features are {query.shape[-1]}-d, the bank's {bank.shape[-1]}-d: another encoder?")
+    k = min(k, len(bank))
+    best_s = torch.full((len(query), 0), float("-inf"), dtype=query.dtype)
+    best_i = torch.zeros((len(query), 0), dtype=torch.long)
+    for start in range(0, len(bank), chunk):
+        s = query @ bank[start:start + chunk].T
+        s_k, i_k = s.topk(min(k, s.shape[1]), dim=1)
+        cat_s, cat_i = torch.cat([best_s, s_k], 1), torch.cat([best_i, i_k + start], 1)
+        order = cat_s.topk(min(k, cat_s.shape[1]), dim=1).indices
+        best_s, best_i = cat_s.gather(1, order), cat_i.gather(1, order)
+    return best_s, best_i
