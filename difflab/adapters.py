@@ -7,6 +7,7 @@ result: its K/V matrices are written into the UNet (W0 + SCALE (W - W0)) and its
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from difflab.errors import DifflabError
@@ -14,19 +15,24 @@ from difflab.errors import DifflabError
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def parse_adapter(spec: str) -> tuple[Path, float]:
-    """"DIR" or "DIR:SCALE" -> (DIR, SCALE); the scale defaults to 1."""
-    path, scale = spec, 1.0
+def parse_adapter(spec: str, what: str = "adapter") -> tuple[Path, float]:
+    """"DIR" or "DIR:SCALE" -> (DIR, SCALE), the scale 1 by default. A folder whose own name holds a colon is taken
+    whole; otherwise a scale that is not a finite number is an error, not part of a path."""
     head, sep, tail = spec.rpartition(":")
-    if sep and head:
+    if sep and head and not Path(spec).is_dir():
         try:
-            path, scale = head, float(tail)
+            scale = float(tail)
         except ValueError:
-            path = spec
-    p = Path(path)
-    if not p.is_dir():
-        raise DifflabError(f"adapter {path} is not a folder")
-    return p, scale
+            scale = float("nan")
+        if not math.isfinite(scale):
+            raise DifflabError(f"{what} scale {tail!r} in {spec!r} is not a number (use DIR:SCALE with a finite SCALE, "
+                               "e.g. RUN/slider_0:1.5)")
+        path = Path(head)
+    else:
+        path, scale = Path(spec), 1.0
+    if not path.is_dir():
+        raise DifflabError(f"{what} {path} is not a folder")
+    return path, scale
 
 
 def apply_adapters(pipe, specs: list[str]) -> tuple[list[str], list[float]]:

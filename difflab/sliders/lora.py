@@ -8,7 +8,6 @@ safetensors metadata, so `pipe.load_lora_weights(folder)` restores rank and alph
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -122,29 +121,12 @@ def load_lora(pipe, path_or_state, name: str, source: str | None = None) -> None
         raise DifflabError(f"slider/LoRA {src} matches no module of this model's UNet (made for another base model?)")
 
 
-def parse_slider(spec: str) -> tuple[Path, float]:
-    """"DIR" or "DIR:SCALE"; a scale that is not a number is an error (not a path)."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head and not Path(spec).is_dir():
-        try:
-            scale = float(tail)
-        except ValueError:
-            raise DifflabError(f"slider scale {tail!r} in {spec!r} is not a number (use DIR:SCALE, e.g. RUN/slider_0:1.5)")
-        if not math.isfinite(scale):
-            raise DifflabError(f"slider scale {tail!r} in {spec!r} is not a finite number")
-        path = Path(head)
-    else:
-        path, scale = Path(spec), 1.0
-    if not path.is_dir():
-        raise DifflabError(f"slider {path} is not a folder")
-    return path, scale
-
-
 def load_sliders(pipe, specs: list[str], prefix: str = "slider") -> tuple[list[str], list[float]]:
     """Load slider folders as adapters named prefix0, prefix1, ...; returns (names, scales), all inactive."""
+    from difflab.adapters import parse_adapter
     names, scales = [], []
     for i, spec in enumerate(specs):
-        path, scale = parse_slider(spec)
+        path, scale = parse_adapter(spec, "slider")
         name = f"{prefix}{i}"
         load_lora(pipe, path, name)
         names.append(name)
