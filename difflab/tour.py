@@ -73,9 +73,12 @@ def run_tour(out: Path, model: str = "shapes", n: int = 4, seed: int = 1000, tra
         if model == "shapes" and train_steps and detect_images:
             det_section, det_metrics = detection_section(tmp / "detect", train_steps, pipe, detect_images, seed=seed)
             sections.append(("Detection", det_section))
+        attr_section, attr_metrics = attribution_section(tmp / "attribute", pipe, oracle, seed=seed,
+                                                         unlearn=bool(model == "shapes" and train_steps))
+        sections.append(("Attribution", attr_section))
         report.write_report(tmp / "report.html", "difflab tour", sections,
                             subtitle=f"model {model}; {time.strftime('%Y-%m-%d %H:%M')}")
-        metrics = {**{k: round(v, 4) for k, v in head.items()}, "world_oracle_all_factors": world_acc, **sim_metrics, **edit_metrics, **sl_metrics, **det_metrics,
+        metrics = {**{k: round(v, 4) for k, v in head.items()}, "world_oracle_all_factors": world_acc, **sim_metrics, **edit_metrics, **sl_metrics, **det_metrics, **attr_metrics,
                    "seconds": round(time.time() - t0, 1)}
         write_metrics(tmp, metrics)
     return metrics
@@ -224,3 +227,42 @@ def sliders_section(folder: Path, steps: int, pipe, seed: int = 0, num: int = 6)
                "sliders_min_changed": dm["min_changed"], "size_slider_top_gt_bottom": tm["size_top_gt_bottom"],
                "size_slider_shape_color_unchanged": tm["shape_color_unchanged"]}
     return body, metrics
+
+
+def attribution_section(folder: Path, pipe, oracle, seed: int = 0, n_train: int = 500, k: int = 8,
+                        unlearn: bool = True) -> tuple[str, dict]:
+    """Three generated queries ranked against the first `n_train` images of the shapes training set by features
+    (and the first by AbU), each top image marked by the world's truth: does it share the shape and colour the
+    oracle reads in the query?"""
+    from difflab.attribute import UnlearnConfig, rank
+    from difflab.core.data import load_image, read_metadata
+    from difflab.generate import generate_images
+    from difflab.world import dataset
+    (folder / "train").mkdir(parents=True)
+    dataset.write_folder(dataset.training_set(n_train), folder / "train")
+    recs = {r["file"]: r for r in read_metadata(folder / "train")}
+    prompts = ["a red star on a black background", "a large blue striped circle", "a green triangle at the top left"]
+    images, records = generate_images(pipe, prompts, seed=seed, progress=False)
+    (folder / "queries").mkdir()
+    save_images(images, records, folder / "queries")
+    body, hits = [], []
+    runs = [(i, "features") for i in range(len(prompts))] + ([(0, "unlearn")] if unlearn else [])
+    for i, method in runs:
+        q = folder / "queries" / records[i]["file"]
+        res = rank(folder / "train", q, folder / f"{method}-{i}", method=method, k=k, progress=False,
+                   unlearn=UnlearnConfig())
+        want = oracle.predict([images[i]])[0]
+        marks = [all(recs[t["file"]]["factors"][f] == want[f] for f in ("shape", "color")) for t in res["top"]]
+        total = sum(all(r["factors"][f] == want[f] for f in ("shape", "color")) for r in recs.values())
+        hits.append(sum(marks) / len(marks))
+        body.append(f"<p><b>{html.escape(records[i]['prompt'])}</b> ({method}): {sum(marks)} of the top {k} are "
+                    f"{want['color']} {want['shape']}s, as the oracle reads the query; {total} of the {n_train} "
+                    "training images are.</p>"
+                    + report.grid([images[i]] + [load_image(folder / "train" / t["file"]) for t in res["top"]],
+                                  ["query"] + [f"#{t['rank']} {recs[t['file']]['caption']}" for t in res["top"]],
+                                  [None] + marks))
+    intro = (f"<p>Which of {n_train} training images of the shapes model look most like what it generated? "
+             "Green marks: the training image has the query's shape and colour (the world knows every image's "
+             "factors). The benchmark and the counterfactual gold standard are `difflab attribute benchmark` and "
+             "`difflab attribute gold`.</p>")
+    return intro + "".join(body), {"attribute_top_shape_color_match": round(sum(hits) / len(hits), 4)}

@@ -7,9 +7,6 @@ Features are cached as safetensors beside the images (`.difflab-cache/features-<
 encoder's name and the file list inside), so the training set is embedded once per encoder; a cache made with
 another encoder, or for other files, is refused rather than silently mixed. The search is an exact chunked
 matrix product in torch (AbC evaluates by brute force too): no index to build, the same answer as a full sort.
-
-Status: the first piece of issue "attribute" (tuned heads, the AbC-style benchmark, AbU and the gold standard
-are not written yet).
 """
 from __future__ import annotations
 
@@ -57,15 +54,38 @@ def cached_features(folder: str | Path, encoder: str = "shapes-clip") -> tuple[t
     return feats, files
 
 
+def faiss_index(bank: torch.Tensor, kind: str = "flat"):
+    """A faiss inner-product index over the bank (`pip install difflab[faiss]`). "flat" (IndexFlatIP) is exact:
+    the same top-k as `top_k`; "hnsw" (IndexHNSWFlat, inner product) is approximate and scales past ~10M."""
+    try:
+        import faiss
+    except ImportError as e:
+        raise DifflabError("faiss is not installed: pip install 'difflab[faiss]' (or use the exact torch search)") from e
+    x = bank.float().contiguous().numpy()
+    if kind == "flat":
+        index = faiss.IndexFlatIP(x.shape[1])
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise DifflabError(f"unknown faiss index {kind!r}; use flat or hnsw")
+    index.add(x)
+    return index
+
+
 @torch.no_grad()
-def top_k(query: torch.Tensor, bank: torch.Tensor, k: int = 100, chunk: int = 262_144) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k(query: torch.Tensor, bank: torch.Tensor, k: int = 100, chunk: int = 262_144,
+          index=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k by inner product (cosine for normalised features): (scores (Q, k), indices (Q, k)), best
-    first. The bank is scanned in chunks, keeping a running top-k, so memory stays at Q x chunk."""
+    first. The bank is scanned in chunks, keeping a running top-k, so memory stays at Q x chunk. With a faiss
+    `index` built on the bank (`faiss_index`), faiss searches instead."""
     if query.ndim == 1:
         query = query[None]
     if query.shape[-1] != bank.shape[-1]:
         raise DifflabError(f"query features are {query.shape[-1]}-d, the bank's {bank.shape[-1]}-d: another encoder?")
     k = min(k, len(bank))
+    if index is not None:
+        s, i = index.search(query.float().contiguous().numpy(), k)
+        return torch.from_numpy(s).to(query.dtype), torch.from_numpy(i).long()
     best_s = torch.full((len(query), 0), float("-inf"), dtype=query.dtype)
     best_i = torch.zeros((len(query), 0), dtype=torch.long)
     for start in range(0, len(bank), chunk):

@@ -30,6 +30,7 @@ class TrainConfig:
     steps: int = 1000
     lr: float = 1e-4
     lr_by_param: dict = field(default_factory=dict)   # parameter name -> its own base lr (others use `lr`)
+    optimizer: str = "adamw"            # "adamw", or "sgd" (plain steps: unlearning's preconditioned ascent)
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
@@ -119,7 +120,12 @@ def train(
     for n, p in zip(names, plist):
         by_lr.setdefault(cfg.lr_by_param.get(n, cfg.lr), []).append(p)
     groups = [{"params": ps, "base_lr": lr} for lr, ps in by_lr.items()]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adamw' or 'sgd'")
     modules = [m.to(acc.device) for m in modules]
     opt = acc.prepare(opt)   # the wrapper applies the fp16 grad scaler and skips steps while accumulating
     world, rank = acc.num_processes, acc.process_index

@@ -1,0 +1,241 @@
+"""An AbC-style attribution benchmark built on the shapes world (AbC: Wang et al., ICCV 2023, section 3).
+
+Ground truth by construction: each Custom Diffusion model is taught a concept from a few exemplar images, so the
+images it synthesizes with the concept's token are influenced by those exemplars. Attribution is then retrieval:
+rank the exemplars of the query's own model among distractors (here: the shapes model's training set, AbC's
+LAION subset), scored by Recall@K (K = 5, 10, 100) and AP = (1/|E|) Σ_j j / rank_j, as AbC's eval.py.
+
+Two families, as the paper's object- and style-centric models:
+- object: one exemplar showing a held-out shape (heart or moon) with random colour, texture, size, place and
+  background; synthesized with "a <new1> shape", optionally on another background, at another size or place;
+- style: three exemplars sharing the held-out texture "dotted" and one colour on different trained shapes;
+  synthesized as "a <new1> {shape}" for trained shapes.
+The first half of the models is the training split (it fits the tuned heads), the second half the test split.
+Distractors that are exact copies of an exemplar (the world is discrete: same six factors, same pixels) are
+left out of that model's candidates, since no method could tell them apart.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab.attribute.features import cached_features, embed_images
+from difflab.attribute.tuned import TuneConfig, load_heads, save_heads, train_heads
+from difflab.attribute.unlearn import TrainingData, UnlearnConfig, attribute_by_unlearning, sweep_losses
+from difflab.core.runs import atomic_write_json, write_metrics
+from difflab.customize import CustomizeConfig
+
+
+def _customize_defaults() -> CustomizeConfig:
+    # lr 2e-3: the paper's 1e-5-scale rates barely move the shapes model in 400 steps (docs/BENCHMARKS.md,
+    # Customize); no augmentation: the exemplars' size and place are part of what the model should copy
+    return CustomizeConfig(steps=400, lr=2e-3, augment=False, progress=False)
+
+
+@dataclass
+class BenchmarkConfig:
+    models: int = 16                 # Custom Diffusion models: the first half train the heads, the second test
+    synth_per_model: int = 16
+    distractors: int = 10_000        # the first N images of the shapes model's training set (0: all 60,000)
+    concept_seed: int = 40_000
+    encoder: str = "shapes-clip"
+    customize: CustomizeConfig = field(default_factory=_customize_defaults)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    unlearn_queries: int = 2         # AbU queries per test model (0: skip AbU); AbU ran on 400 of AbC's queries
+    unlearn_distractors: int = 2000  # AbU's candidates: exemplars + this many distractors (AbU used 100k of 1M)
+    seed: int = 0
+
+
+def concepts(cfg: BenchmarkConfig) -> list[dict]:
+    """The exemplar sets and synthesis prompts of every model, deterministic in cfg.concept_seed."""
+    from difflab.world import dataset
+    from difflab.world.draw import FACTORS, values
+    rng = np.random.default_rng(cfg.concept_seed)
+    held_shapes, trained_shapes = FACTORS["shape"][1], FACTORS["shape"][0]
+    out = []
+    for j in range(cfg.models):
+        if j % 2 == 0:
+            kind = "object"
+            ex = [dataset.sample_item(rng, True, {"shape": held_shapes[(j // 2) % len(held_shapes)]}).factors]
+            prompts = []
+            for _ in range(cfg.synth_per_model):
+                f, v = [("", ""), ("background", rng.choice(values("background"))), ("size", rng.choice(values("size"))),
+                        ("position", rng.choice(values("position")))][rng.integers(4)]
+                prompts.append({"": "a <new1> shape", "background": f"a <new1> shape on a {v} background",
+                                "size": f"a {v} <new1> shape", "position": f"a <new1> shape at the {v}"}[f])
+        else:
+            kind = "style"
+            color = values("color")[rng.integers(len(values("color")))]
+            ex = [dataset.sample_item(rng, False, {"texture": "dotted", "color": color,
+                                                   "shape": trained_shapes[rng.integers(len(trained_shapes))]}).factors
+                  for _ in range(3)]
+            prompts = [f"a <new1> {trained_shapes[rng.integers(len(trained_shapes))]}" for _ in range(cfg.synth_per_model)]
+        out.append({"kind": kind, "exemplars": ex, "prompts": prompts})
+    return out
+
+
+def _write_exemplars(folder: Path, factor_list: list[dict]) -> None:
+    from difflab.world.draw import render
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "metadata.jsonl", "w") as fh:
+        for i, f in enumerate(factor_list):
+            render(f).save(folder / f"{i:02d}.png")
+            fh.write(json.dumps({"file": f"{i:02d}.png", "prompt": "a <new1> shape", "factors": f}) + "\n")
+
+
+def build(out: Path, cfg: BenchmarkConfig, progress: bool = True) -> list[dict]:
+    """Distractors, exemplars, one Custom Diffusion model per concept and its synthesized images (resumable)."""
+    from tqdm.auto import tqdm
+
+    from difflab.customize import Concept, save_weights, train_concepts
+    from difflab.generate import generate_images, save_images
+    from difflab.models import load_pipeline
+    from difflab.world import dataset
+    dis = out / "distractors"
+    if not (dis / "metadata.jsonl").exists():
+        tmp = out / ".distractors.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        dataset.write_folder(dataset.training_set(cfg.distractors or dataset.TRAIN_SIZE), tmp)
+        tmp.rename(dis)
+    cons = concepts(cfg)
+    for j, c in enumerate(tqdm(cons, desc="models", disable=not progress)):
+        d = out / "models" / f"{j:02d}"
+        if (d / "synth" / "metadata.jsonl").exists():
+            continue
+        _write_exemplars(d / "exemplars", c["exemplars"])
+        pipe = load_pipeline("shapes")
+        ccfg = CustomizeConfig(**{**asdict(cfg.customize), "seed": cfg.seed + j})
+        train_concepts(pipe, [Concept(str(d / "exemplars"))], ccfg, work=out)
+        (d / "weights").mkdir(parents=True, exist_ok=True)
+        save_weights(pipe, d / "weights", ["<new1>"], ccfg.params, base="shapes", extra={"kind": c["kind"]})
+        pipe.set_progress_bar_config(disable=True)
+        images, records = generate_images(pipe, c["prompts"], seed=cfg.concept_seed + 1000 * j, progress=False)
+        (d / "synth").mkdir(exist_ok=True)
+        save_images(images, records, d / "synth", extra={"model": j, "kind": c["kind"]})
+    return cons
+
+
+def _features(folder: Path, encoder: str) -> torch.Tensor:
+    from difflab.core.data import load_folder_images
+    return embed_images(load_folder_images(folder), encoder)
+
+
+def _split(n: int) -> tuple[list[int], list[int]]:
+    return list(range(n // 2)), list(range(n // 2, n))
+
+
+def rank_metrics(scores: torch.Tensor, n_exemplars: int) -> dict[str, float]:
+    """AbC's metrics for one query whose candidates end with its n_exemplars exemplars."""
+    from difflab.metrics import retrieval_metrics
+    rel = np.zeros(len(scores), bool)
+    rel[-n_exemplars:] = True
+    return retrieval_metrics(scores[None].numpy(), rel[None])
+
+
+def _mean(rows: list[dict]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress: bool = True) -> dict:
+    """Build the benchmark (resumable), tune the heads on its training split, evaluate every method on its test
+    split, and write heads/ and metrics.json into `out`."""
+    from difflab.core.data import read_metadata
+    cfg = cfg or BenchmarkConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", asdict(cfg))
+    t0 = time.time()
+    cons = build(out, cfg, progress)
+    t_build = time.time() - t0
+    dis_feats, _ = cached_features(out / "distractors", cfg.encoder)
+    dis_factors = [json.dumps(r["factors"], sort_keys=True) for r in read_metadata(out / "distractors")]
+    ex, syn = [], []
+    for j in range(len(cons)):
+        ex.append(_features(out / "models" / f"{j:02d}" / "exemplars", cfg.encoder))
+        syn.append(_features(out / "models" / f"{j:02d}" / "synth", cfg.encoder))
+    train_ids, test_ids = _split(len(cons))
+
+    def group(ids, feats):
+        return torch.cat([feats[j] for j in ids]), torch.cat([torch.full((len(feats[j]),), j) for j in ids])
+
+    s_tr, g_tr = group(train_ids, syn)
+    e_tr, ge_tr = group(train_ids, ex)
+    t1 = time.time()
+    heads = train_heads(s_tr, g_tr, e_tr, ge_tr, dis_feats, cfg.tune)
+    save_heads(heads, out / "heads", cfg.encoder, {"benchmark": str(out), "train_models": train_ids})
+    t_tune = time.time() - t1
+    heads = load_heads(out / "heads", cfg.encoder)
+
+    def candidates(j: int, n_dis: int | None = None) -> torch.Tensor:
+        """Indices of the distractors that stay candidates for model j (exact copies of its exemplars removed)."""
+        copies = {json.dumps(f, sort_keys=True) for f in cons[j]["exemplars"]}
+        keep = [i for i, f in enumerate(dis_factors[:n_dis]) if f not in copies]
+        return torch.tensor(keep)
+
+    per = {"features": [], "tuned": []}
+    with torch.no_grad():
+        real_dis = heads.real(dis_feats)
+        for j in test_ids:
+            keep = candidates(j)
+            for q in range(len(syn[j])):
+                s_f = torch.cat([dis_feats[keep], ex[j]]) @ syn[j][q]
+                s_t = torch.cat([real_dis[keep], heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0]
+                per["features"].append({"model": j, "query": q, **rank_metrics(s_f, len(ex[j]))})
+                per["tuned"].append({"model": j, "query": q, **rank_metrics(s_t, len(ex[j]))})
+    metrics = {m: _mean([{k: v for k, v in r.items() if k not in ("model", "query")} for r in rows])
+               for m, rows in per.items()}
+    metrics["models"] = {"train": len(train_ids), "test": len(test_ids)}
+    metrics["queries"] = len(per["features"])
+    if cfg.unlearn_queries:
+        metrics["unlearn_subset"] = unlearn_eval(out, cfg, cons, test_ids, dis_feats, ex, syn, heads, candidates,
+                                                 progress)
+        metrics["unlearn"] = metrics["unlearn_subset"]["unlearn"]
+    metrics["seconds"] = {"build": round(t_build, 1), "tune": round(t_tune, 1), "total": round(time.time() - t0, 1)}
+    atomic_write_json(out / "per_query.json", per)
+    write_metrics(out, metrics)
+    return metrics
+
+
+def unlearn_eval(out: Path, cfg: BenchmarkConfig, cons, test_ids, dis_feats, ex, syn, heads, candidates,
+                 progress: bool = True) -> dict:
+    """AbU on the first `unlearn_queries` queries of each test model, against its exemplars (conditioned on the
+    training prompt "a <new1> shape", as AbU's AbC runs) plus the first `unlearn_distractors` distractors; the
+    Fisher is the base model's over those distractors, reused for every customized model (as AbU does)."""
+    from difflab.attribute.unlearn import cached_fisher, query_tensors, training_data
+    from difflab.core.data import encode_latents, encode_prompts, load_folder_images, to_pixels
+    from difflab.customize import apply_weights
+    from difflab.models import load_pipeline
+    base = load_pipeline("shapes")
+    full = training_data(base, out / "distractors")
+    n = min(cfg.unlearn_distractors, len(full))
+    dis = TrainingData(full.z[:n], full.c[:n], full.files[:n])
+    fisher = cached_fisher(base.unet, base.scheduler, TrainingData(dis.z, dis.c, dis.files, out / "distractors"),
+                           cfg.unlearn, progress=progress)
+    rows = {"unlearn": [], "features": [], "tuned": []}
+    for j in test_ids:
+        pipe = load_pipeline("shapes")
+        apply_weights(pipe, out / "models" / f"{j:02d}" / "weights")
+        keep = candidates(j, n)
+        z_ex = encode_latents(pipe.vae, to_pixels(load_folder_images(out / "models" / f"{j:02d}" / "exemplars")))
+        c_ex = encode_prompts(pipe, ["a <new1> shape"] * len(z_ex))
+        data = TrainingData(torch.cat([dis.z[keep], z_ex]), torch.cat([dis.c[keep], c_ex]), [])
+        before = sweep_losses(pipe.unet, pipe.scheduler, data, cfg.unlearn, progress, "losses before")
+        recs = [json.loads(line) for line in (out / "models" / f"{j:02d}" / "synth" / "metadata.jsonl").read_text().splitlines()]
+        for q in range(min(cfg.unlearn_queries, len(recs))):
+            zq, cq = query_tensors(pipe, out / "models" / f"{j:02d}" / "synth" / recs[q]["file"], recs[q]["prompt"])
+            tau = attribute_by_unlearning(pipe, data, zq, cq, cfg.unlearn, fisher, before, progress=False)
+            with torch.no_grad():
+                s_f = torch.cat([dis_feats[keep], ex[j]]) @ syn[j][q]
+                s_t = torch.cat([heads.real(dis_feats[keep]), heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0]
+            for name, s in (("unlearn", tau), ("features", s_f), ("tuned", s_t)):
+                rows[name].append(rank_metrics(s, len(ex[j])))
+    res = {m: _mean(r) for m, r in rows.items()}
+    res["queries"] = len(rows["unlearn"])
+    res["candidates"] = n
+    return res

@@ -1,0 +1,259 @@
+"""The gold standard of attribution (AbU's counterfactual test, section 5.1), made cheap by the shapes world.
+
+For a query ẑ made by a model θ0 trained on D, each method names its top-K training images; a model θ_-K is
+retrained from scratch on D without them (same initialisation, same seed, same order of the remaining images),
+and the better method is the one whose removal hurts ẑ most:
+
+    ΔL(ẑ) = L(ẑ, θ_-K) - L(ẑ, θ0)              (timesteps 0, 5, ..., 995; the same noise for both models)
+    ΔG(ẑ) = d(G_θ0(ε, c), G_θ_-K(ε, c))        (the query regenerated with the same noise and prompt)
+
+d is the shapes-CLIP cosine distance, the pixel MSE, and the share of the oracle's six factors that changed.
+The paper retrains a 16-A100-hour COCO model per (query, method, K); here the model is a small UNet on a few
+hundred shapes images (the shipped VAE and text encoder frozen, as JourneyTRAK's COCO model freezes SD's), so
+every retraining takes about a minute on a CPU. Every retraining is saved as it finishes; a rerun resumes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab.attribute.unlearn import (TrainingData, UnlearnConfig, attribute_by_unlearning, cached_fisher,
+                                       cached_losses, image_losses, training_data)
+from difflab.core.diffusion import diffusion_loss
+from difflab.core.runs import atomic_write_json, write_metrics
+from difflab.core.trainer import TrainConfig, train
+
+METHODS = ("unlearn", "features", "tuned", "random")
+
+
+@dataclass
+class GoldConfig:
+    n_train: int = 300            # training images (world sample, base captions)
+    # factors held fixed in the gold world (and never named): with only shape, colour and texture varying, a
+    # small UNet learns to draw the shapes in a few hundred steps, so queries are shapes, not blobs
+    fixed: dict = field(default_factory=lambda: {"size": "large", "position": "center", "background": "white"})
+    data_seed: int = 31_000
+    queries: int = 8
+    query_seed: int = 32_000      # the queries' prompts (base captions that name a shape) and generation seeds
+    k: int = 15                   # images removed per (query, method): 5% (the paper's K = 4000 is 3.4%)
+    steps: int = 600              # small-model training steps (batch x steps / n_train = 64 epochs; ~70 s)
+    batch: int = 32
+    lr: float = 1e-3
+    channels: tuple[int, ...] = (32, 32, 32)
+    caption_dropout: float = 0.1  # for classifier-free guidance when the queries are generated
+    seed: int = 0
+    eval_stride: int = 5          # ΔL timesteps 0, 5, ..., 995 (the paper's stride)
+    methods: tuple[str, ...] = ("unlearn", "features", "random")
+    encoder: str = "shapes-clip"  # the feature method's encoder
+    tuned: str | None = None      # a tuned-heads folder (difflab attribute benchmark) for the "tuned" method
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+
+
+def small_unet(cfg: GoldConfig):
+    from diffusers import UNet2DConditionModel
+
+    from difflab.world.train import UNET_CONFIG
+    torch.manual_seed(cfg.seed)
+    return UNet2DConditionModel(**{**UNET_CONFIG, "block_out_channels": tuple(cfg.channels)})
+
+
+def training_order(n: int, keep: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """The indices the training loop visits: epoch permutations of all n images with the removed ones skipped,
+    so the remaining images keep their relative order (the paper's "same seed and order")."""
+    rng, out, total = np.random.default_rng(seed), [], 0
+    while total < count:
+        perm = rng.permutation(n)
+        perm = perm[keep[perm]]
+        out.append(perm)
+        total += len(perm)
+    return np.concatenate(out)[:count]
+
+
+def train_small(data: TrainingData, empty: torch.Tensor, cfg: GoldConfig, removed=(), progress: bool = False):
+    """A small UNet trained from scratch on `data` without the `removed` indices; deterministic in cfg.seed."""
+    unet = small_unet(cfg)
+    keep = np.ones(len(data), bool)
+    keep[list(removed)] = False
+    order = torch.from_numpy(training_order(len(data), keep, cfg.steps * cfg.batch, cfg.seed))
+
+    from difflab.models import load_pipeline
+    sched = load_pipeline("shapes").scheduler
+
+    def batch_fn(i):
+        idx = order[i * cfg.batch:(i + 1) * cfg.batch]
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+        c = data.c[idx].clone()
+        c[torch.rand(len(idx), generator=g) < cfg.caption_dropout] = empty
+        return data.z[idx], c, g
+
+    def loss_fn(b):
+        z, c, g = b
+        return diffusion_loss(unet, sched, z, c, generator=g), {}
+
+    tc = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=min(50, cfg.steps // 10), lr_schedule="cosine",
+                     weight_decay=0.0, seed=cfg.seed, desc="train", progress=progress, log_every=max(1, cfg.steps))
+    train({f"unet.{k}": v for k, v in unet.named_parameters()}, loss_fn, batch_fn, tc, modules=[unet])
+    unet.eval().requires_grad_(False)
+    return unet
+
+
+def world_items(n: int, seed: int, fixed: dict):
+    """World samples (base-training captions) with the `fixed` factors set and left out of the captions."""
+    from difflab.world import dataset
+    items = dataset.sample(n, seed)
+    for it in items:
+        it.factors.update(fixed)
+        it.named = {f: v for f, v in it.named.items() if f not in fixed}
+        it.caption = dataset.caption(it.factors, set(it.named))
+    return items
+
+
+def make_world(out: Path, cfg: GoldConfig) -> list[dict]:
+    """The training folder (out/train) and the query prompts: base captions of fresh samples that name a shape."""
+    from difflab.world import dataset
+    train_dir = out / "train"
+    if not (train_dir / "metadata.jsonl").exists():
+        train_dir.mkdir(parents=True, exist_ok=True)
+        dataset.write_folder(world_items(cfg.n_train, cfg.data_seed, cfg.fixed), train_dir)
+    items = [it for it in world_items(cfg.queries * 20, cfg.query_seed, cfg.fixed) if "shape" in it.named][:cfg.queries]
+    return [{"prompt": it.caption, "seed": cfg.query_seed + q, "factors": it.named} for q, it in enumerate(items)]
+
+
+def _pipe_with(pipe, unet):
+    from diffusers import StableDiffusionPipeline
+    return StableDiffusionPipeline(**{**pipe.components, "unet": unet})
+
+
+def _regenerate(pipe, unet, queries: list[dict]):
+    from difflab.generate import generate_images
+    p = _pipe_with(pipe, unet)
+    p.set_progress_bar_config(disable=True)
+    images = []
+    for q in queries:
+        images += generate_images(p, [q["prompt"]], seed=q["seed"], progress=False)[0]
+    return images
+
+
+def _image_distances(a, b) -> dict[str, list[float]]:
+    """Per pair: shapes-CLIP cosine distance, pixel MSE (images in [0, 1]) and the share of oracle factors changed."""
+    from difflab.core.data import to_pixels
+    from difflab.metrics import cosine_distance, image_features
+    from difflab.models import load_oracle
+    fa, fb = image_features(a, "shapes-clip"), image_features(b, "shapes-clip")
+    pa, pb = (to_pixels(a) + 1) / 2, (to_pixels(b) + 1) / 2
+    oracle = load_oracle()
+    ya, yb = oracle.predict(a), oracle.predict(b)
+    changed = np.mean([[ra[f] != rb[f] for f in ra] for ra, rb in zip(ya, yb)], axis=1)
+    return {"clip_distance": cosine_distance(fa, fb).tolist(), "mse": ((pa - pb) ** 2).flatten(1).mean(1).tolist(),
+            "factors_changed": changed.tolist()}
+
+
+def rank_training_set(method: str, q: int, pipe, data: TrainingData, zq, cq, query_image, cfg: GoldConfig,
+                      fisher=None, before=None) -> list[int]:
+    """The top-K training indices of one query under one method."""
+    if method == "random":
+        return np.random.default_rng([cfg.seed, q]).choice(len(data), cfg.k, replace=False).tolist()
+    if method == "unlearn":
+        scores = attribute_by_unlearning(pipe, data, zq, cq, cfg.unlearn, fisher, before, progress=False)
+    elif method in ("features", "tuned"):
+        from difflab.attribute.features import cached_features, embed_images
+        feats, _ = cached_features(data.folder, cfg.encoder)
+        query = embed_images([query_image], cfg.encoder)
+        if method == "tuned":
+            from difflab.attribute.tuned import load_heads
+            heads = load_heads(cfg.tuned)
+            feats, query = heads.real(feats), heads.synth(query)
+        scores = (query @ feats.T)[0]
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return scores.topk(cfg.k).indices.tolist()
+
+
+def gold_standard(out: str | Path, cfg: GoldConfig | None = None, progress: bool = True) -> dict:
+    """Run the whole counterfactual test into `out` (resumable) and return the metrics (also metrics.json)."""
+    from diffusers import UNet2DConditionModel
+    from tqdm.auto import tqdm
+
+    from difflab.core.data import encode_latents, encode_prompts, to_pixels
+    from difflab.generate import save_images
+    from difflab.models import load_pipeline
+    cfg = cfg or GoldConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", asdict(cfg))
+    t0 = time.time()
+    queries = make_world(out, cfg)
+    pipe = load_pipeline("shapes")
+    data = training_data(pipe, out / "train")
+    empty = encode_prompts(pipe, [""])[0]
+
+    base_dir = out / "base"
+    if (base_dir / "config.json").exists():
+        unet0 = UNet2DConditionModel.from_pretrained(base_dir).eval().requires_grad_(False)
+    else:
+        unet0 = train_small(data, empty, cfg, progress=progress)
+        unet0.save_pretrained(base_dir)
+    pipe0 = _pipe_with(pipe, unet0)
+    qdir = out / "queries"
+    if not (qdir / "metadata.jsonl").exists():
+        qdir.mkdir(exist_ok=True)
+        images = _regenerate(pipe, unet0, queries)
+        save_images(images, [{"file": f"{i:03d}.png", **q} for i, q in enumerate(queries)], qdir)
+    from difflab.core.data import load_folder_images
+    q_images = load_folder_images(qdir)
+    zq = encode_latents(pipe.vae, to_pixels(q_images))
+    cq = encode_prompts(pipe, [q["prompt"] for q in queries])
+    n_t = pipe.scheduler.config.num_train_timesteps
+    loss0 = image_losses(unet0, pipe.scheduler, zq, cq, n_t // cfg.eval_stride, seed=cfg.seed + 1, progress=False)
+
+    rank_path = out / "rankings.json"
+    rankings = json.loads(rank_path.read_text()) if rank_path.exists() else {}
+    fisher = before = None
+    for m in cfg.methods:
+        for q in range(len(queries)):
+            key = f"{m}-{q}"
+            if key in rankings:
+                continue
+            if m == "unlearn" and fisher is None:
+                fisher = cached_fisher(unet0, pipe.scheduler, data, cfg.unlearn, progress=progress)
+                before = cached_losses(unet0, pipe.scheduler, data, cfg.unlearn, progress)
+            rankings[key] = rank_training_set(m, q, pipe0, data, zq[q:q + 1], cq[q:q + 1], q_images[q], cfg,
+                                              fisher, before)
+            atomic_write_json(rank_path, rankings)
+
+    rdir = out / "retrain"
+    rdir.mkdir(exist_ok=True)
+    jobs = [(m, q) for m in cfg.methods for q in range(len(queries))]
+    for m, q in tqdm(jobs, desc="retrain", disable=not progress):
+        path = rdir / f"{m}-{q}.json"
+        if path.exists():
+            continue
+        unet = train_small(data, empty, cfg, removed=rankings[f"{m}-{q}"])
+        # all queries' rows, so that row q sees exactly the noise loss0[q] saw (image_losses seeds by row)
+        loss = image_losses(unet, pipe.scheduler, zq, cq, n_t // cfg.eval_stride, seed=cfg.seed + 1, progress=False)[q]
+        regen = _regenerate(pipe, unet, [queries[q]])[0]
+        regen.save(rdir / f"{m}-{q}.png")
+        d = _image_distances([q_images[q]], [regen])
+        atomic_write_json(path, {"loss_increase": float(loss - loss0[q]), **{k: v[0] for k, v in d.items()}})
+
+    metrics = {}
+    for m in cfg.methods:
+        rows = [json.loads((rdir / f"{m}-{q}.json").read_text()) for q in range(len(queries))]
+        metrics[m] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        metrics[m]["per_query"] = {k: [r[k] for r in rows] for k in rows[0]}
+    if "random" in metrics:
+        base = metrics["random"]["loss_increase"]
+        for m in cfg.methods:
+            metrics[m]["loss_increase_vs_random"] = metrics[m]["loss_increase"] / base if base > 0 else float("nan")
+    metrics["queries"] = len(queries)
+    metrics["k"] = cfg.k
+    metrics["n_train"] = cfg.n_train
+    metrics["query_loss_base"] = loss0.tolist()
+    metrics["seconds"] = round(time.time() - t0, 1)
+    write_metrics(out, metrics)
+    return metrics

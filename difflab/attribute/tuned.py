@@ -1,0 +1,168 @@
+"""Tuned features for attribution (AbC: Wang et al., ICCV 2023, section 4) and their soft attribution.
+
+A frozen encoder f; two linear heads initialised to the identity, one for training images (`real`) and one for
+synthesized queries (`synth`); similarity is the cosine of the mapped features:
+
+    s(ẑ, z) = cos(W_s f(ẑ) + b_s, W_r f(z) + b_r)
+
+They are trained contrastively (InfoNCE) on a benchmark's training split: each query's exemplars are positives,
+the other queries' exemplars in the batch and sampled distractors are negatives. AbC's training code is not
+released; the temperature (0.05), batch make-up and schedule here are difflab's choices (the reference lists them
+as unknown). Soft attribution turns the scores of one query into probabilities with AbC's calibrator:
+
+    p_i = trunc_i / Σ_j trunc_j,   trunc_i = ReLU(exp(inv_tau (s_i - max_j s_j)) + 0.001 bias)
+
+with inv_tau and bias fitted by the exemplars' negative log-likelihood (Softplus(β=100) in place of the ReLU
+while fitting, as the official Calibrator).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from difflab.core.trainer import TrainConfig, train
+from difflab.errors import DifflabError
+
+BIAS_GAIN = 0.001   # the official Calibrator's bias = 0.001 * parameter
+
+
+@dataclass
+class TuneConfig:
+    steps: int = 1000
+    batch: int = 64              # queries per step
+    negatives: int = 1024        # distractors drawn per step
+    temperature: float = 0.05
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    calibrate_steps: int = 300
+    seed: int = 0
+    progress: bool = True
+
+
+class Heads(torch.nn.Module):
+    """The two identity-initialised linear heads, plus the calibrator's inv_tau and bias."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.real_mapper = torch.nn.Linear(dim, dim)
+        self.synth_mapper = torch.nn.Linear(dim, dim)
+        for m in (self.real_mapper, self.synth_mapper):
+            torch.nn.init.eye_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+        self.inv_tau = torch.nn.Parameter(torch.ones(()))
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+
+    def real(self, f: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.real_mapper(f.float()), dim=-1)
+
+    def synth(self, f: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.synth_mapper(f.float()), dim=-1)
+
+
+def _trunc(scores: torch.Tensor, inv_tau, bias, smooth: bool) -> torch.Tensor:
+    x = torch.exp(inv_tau * (scores - scores.max(-1, keepdim=True).values)) + BIAS_GAIN * bias
+    return F.softplus(x, beta=100) if smooth else F.relu(x)
+
+
+@torch.no_grad()
+def soft_attribution(scores: torch.Tensor, inv_tau: float = 1.0, bias: float = 0.0) -> torch.Tensor:
+    """Probabilities over the candidates from one query's (or each row's) similarity scores."""
+    t = _trunc(scores, torch.as_tensor(inv_tau), torch.as_tensor(bias), smooth=False)
+    return t / t.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def train_heads(synth: torch.Tensor, synth_group: torch.Tensor, exemplars: torch.Tensor, exemplar_group: torch.Tensor,
+                distractors: torch.Tensor, cfg: TuneConfig | None = None) -> Heads:
+    """Fit the heads on a training split: synth (Q, D) queries made by models synth_group (Q,); exemplars (E, D)
+    with their model exemplar_group (E,); distractors (N, D). All features as the encoder gives them."""
+    cfg = cfg or TuneConfig()
+    if synth.shape[-1] != exemplars.shape[-1] or synth.shape[-1] != distractors.shape[-1]:
+        raise DifflabError("queries, exemplars and distractors must come from the same encoder (feature sizes differ)")
+    heads = Heads(synth.shape[-1])
+    by_group = {int(g): torch.nonzero(exemplar_group == g).flatten() for g in exemplar_group.unique()}
+    missing = set(synth_group.unique().tolist()) - set(by_group)
+    if missing:
+        raise DifflabError(f"queries of model(s) {sorted(missing)} have no exemplars")
+
+    def batch_fn(i):
+        rng = np.random.default_rng([cfg.seed, i])
+        q = torch.from_numpy(rng.choice(len(synth), min(cfg.batch, len(synth)), replace=False))
+        groups = synth_group[q]
+        pos = torch.stack([by_group[int(g)][rng.integers(len(by_group[int(g)]))] for g in groups])
+        neg = torch.from_numpy(rng.integers(0, len(distractors), cfg.negatives))
+        return synth[q], groups, exemplars[pos], distractors[neg]
+
+    def loss_fn(b):
+        sq, groups, ex, dis = b
+        a = heads.synth(sq)
+        cands = heads.real(torch.cat([ex, dis]))
+        logits = a @ cands.T / cfg.temperature
+        # every exemplar in the batch drawn from the query's own model is a positive (soft target)
+        same = torch.cat([(groups[:, None] == groups[None, :]).float(), torch.zeros(len(sq), len(dis))], 1)
+        loss = -(same / same.sum(1, keepdim=True) * logits.log_softmax(-1)).sum(1).mean()
+        return loss, {}
+
+    params = {f"real.{k}": v for k, v in heads.real_mapper.named_parameters()}
+    params.update({f"synth.{k}": v for k, v in heads.synth_mapper.named_parameters()})
+    tc = TrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, desc="tune heads",
+                     progress=cfg.progress, log_every=max(1, cfg.steps // 10), max_grad_norm=None)
+    history = train(params, loss_fn, batch_fn, tc, modules=[heads])
+    heads.history = history
+    calibrate(heads, synth, synth_group, exemplars, exemplar_group, distractors, cfg)
+    return heads.eval().requires_grad_(False)
+
+
+def calibrate(heads: Heads, synth, synth_group, exemplars, exemplar_group, distractors, cfg: TuneConfig) -> None:
+    """Fit inv_tau and bias by the exemplars' NLL under the truncated softmax, each query ranked against its
+    own exemplars plus `cfg.negatives` sampled distractors (the heads stay fixed)."""
+    with torch.no_grad():
+        a, ex, dis = heads.synth(synth), heads.real(exemplars), heads.real(distractors)
+
+    def batch_fn(i):
+        rng = np.random.default_rng([cfg.seed, 1, i])
+        return int(rng.integers(len(synth))), torch.from_numpy(rng.integers(0, len(dis), cfg.negatives))
+
+    def loss_fn(b):
+        q, neg = b
+        own = ex[exemplar_group == synth_group[q]]
+        s = a[q] @ torch.cat([own, dis[neg]]).T
+        t = _trunc(s, heads.inv_tau, heads.bias, smooth=True)
+        return torch.log(t.sum()) - torch.log(t[:len(own)]).mean(), {}
+
+    tc = TrainConfig(steps=cfg.calibrate_steps, lr=1e-1, weight_decay=0.0, seed=cfg.seed, desc="calibrate",
+                     progress=False, log_every=max(1, cfg.calibrate_steps), max_grad_norm=None)
+    train({"inv_tau": heads.inv_tau, "bias": heads.bias}, loss_fn, batch_fn, tc)
+
+
+def save_heads(heads: Heads, folder: str | Path, encoder: str, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in heads.state_dict().items()}, folder / "heads.safetensors")
+    (folder / "heads.json").write_text(json.dumps({"encoder": encoder, "dim": heads.real_mapper.in_features,
+                                                   **(extra or {})}, indent=2) + "\n")
+
+
+def load_heads(folder: str | Path, encoder: str | None = None) -> Heads:
+    """Heads saved by `save_heads`; refused when they were tuned on another encoder than `encoder`."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    if not (folder / "heads.safetensors").is_file() or not (folder / "heads.json").is_file():
+        raise DifflabError(f"{folder} holds no tuned heads (heads.safetensors + heads.json; "
+                           "`difflab attribute benchmark` writes them)")
+    meta = json.loads((folder / "heads.json").read_text())
+    if encoder is not None and meta["encoder"] != encoder:
+        raise DifflabError(f"the heads in {folder} were tuned on encoder {meta['encoder']!r}, not {encoder!r}")
+    heads = Heads(meta["dim"])
+    heads.load_state_dict(load_file(folder / "heads.safetensors"))
+    heads.encoder = meta["encoder"]
+    return heads.eval().requires_grad_(False)
+
+
+def config_dict(cfg: TuneConfig) -> dict:
+    return asdict(cfg)
