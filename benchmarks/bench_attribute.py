@@ -89,7 +89,7 @@ def _table(rows: dict, names, keys) -> None:
 
 def abc(a):
     from difflab.attribute import BenchmarkConfig, run_benchmark
-    m = run_benchmark(a.out, BenchmarkConfig(models=a.models, distractors=a.distractors,
+    m = run_benchmark(a.out, BenchmarkConfig(models=a.models, extra_train_models=a.extra_train_models, distractors=a.distractors,
                                              unlearn_queries=a.unlearn_queries))
     print(f"\n{m['queries']} test queries from {m['models']['test']} models ({m['models']['train']} models tuned the "
           f"heads); seconds {m['seconds']}\n")
@@ -124,6 +124,7 @@ def main():
     ab = sub.add_parser("abc")
     ab.add_argument("--out", default="runs/abc")
     ab.add_argument("--models", type=int, default=BenchmarkConfig.models)
+    ab.add_argument("--extra-train-models", type=int, default=BenchmarkConfig.extra_train_models)
     ab.add_argument("--distractors", type=int, default=BenchmarkConfig.distractors)
     ab.add_argument("--unlearn-queries", type=int, default=BenchmarkConfig.unlearn_queries)
     go = sub.add_parser("gold")

@@ -556,6 +556,8 @@ def attribute_rank(train_dir, query, method, out, model, prompt, k, encoder, hea
 @attribute.command("benchmark")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Benchmark folder (resumable).")
 @click.option("--models", type=click.IntRange(2), default=16, show_default=True, help="Custom Diffusion models (half train the heads).")
+@click.option("--extra-train-models", type=click.IntRange(0), default=40, show_default=True,
+              help="More models that only train the heads (with 8, the heads memorise them; docs/BENCHMARKS.md).")
 @click.option("--synth", type=click.IntRange(1), default=16, show_default=True, help="Synthesized images per model.")
 @click.option("--distractors", type=click.IntRange(0), default=10_000, show_default=True,
               help="First N images of the shapes training set (0: all 60,000).")
@@ -564,7 +566,7 @@ def attribute_rank(train_dir, query, method, out, model, prompt, k, encoder, hea
 @click.option("--unlearn-queries", type=click.IntRange(0), default=2, show_default=True, help="AbU queries per test model (0: skip).")
 @click.option("--unlearn-distractors", type=click.IntRange(1), default=2000, show_default=True)
 @click.option("--encoder", default="shapes-clip", show_default=True)
-def attribute_benchmark(out, models, synth, distractors, customize_steps, tune_steps, unlearn_queries,
+def attribute_benchmark(out, models, extra_train_models, synth, distractors, customize_steps, tune_steps, unlearn_queries,
                         unlearn_distractors, encoder):
     """The AbC-style benchmark on the shapes world: exemplars -> Custom Diffusion models -> synthesized queries;
     tunes the heads (OUT/heads) and writes metrics.json: {"features": {"map", "recall@5", "recall@10",
@@ -573,7 +575,7 @@ def attribute_benchmark(out, models, synth, distractors, customize_steps, tune_s
     from difflab.attribute.benchmark import _customize_defaults
     ccfg = _customize_defaults()
     ccfg.steps = customize_steps
-    cfg = BenchmarkConfig(models=models, synth_per_model=synth, distractors=distractors, encoder=encoder,
+    cfg = BenchmarkConfig(models=models, extra_train_models=extra_train_models, synth_per_model=synth, distractors=distractors, encoder=encoder,
                           customize=ccfg, tune=TuneConfig(steps=tune_steps), unlearn_queries=unlearn_queries,
                           unlearn_distractors=unlearn_distractors)
     click.echo(json.dumps(run_benchmark(out, cfg), indent=2))

@@ -230,7 +230,7 @@ def test_gold_cli_refuses_bad_options(tmp_path):
 def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):
     from difflab.attribute import BenchmarkConfig, TuneConfig, UnlearnConfig, run_benchmark
     from difflab.customize import CustomizeConfig
-    cfg = BenchmarkConfig(models=2, synth_per_model=2, distractors=40,
+    cfg = BenchmarkConfig(models=2, extra_train_models=1, synth_per_model=2, distractors=40,
                           customize=CustomizeConfig(steps=2, lr=2e-3, augment=False, num_class_images=2, progress=False),
                           tune=TuneConfig(steps=3, batch=2, negatives=8, calibrate_steps=2, progress=False),
                           unlearn=UnlearnConfig(steps=1, grad_accum=1, batch=2, time_samples=2),
@@ -238,7 +238,7 @@ def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):
     m = run_benchmark(tmp_path / "abc", cfg, progress=False)
     for name in ("features", "tuned", "unlearn"):
         assert set(m[name]) == {"map", "recall@5", "recall@10", "recall@100"} and 0 < m[name]["map"] <= 1
-    assert m["models"] == {"train": 1, "test": 1} and m["queries"] == 2
+    assert m["models"] == {"train": 2, "test": 1} and m["queries"] == 2   # models 0 and 2 train, 1 tests
     # with 40 distractors + 1 exemplar, Recall@100 finds every exemplar
     assert m["features"]["recall@100"] == 1.0
     d = tmp_path / "abc" / "models" / "01"

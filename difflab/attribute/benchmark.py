@@ -40,6 +40,7 @@ def _customize_defaults() -> CustomizeConfig:
 @dataclass
 class BenchmarkConfig:
     models: int = 16                 # Custom Diffusion models: the first half train the heads, the second test
+    extra_train_models: int = 40     # more models for the heads only (AbC tunes on many more models than it tests)
     synth_per_model: int = 16
     distractors: int = 10_000        # the first N images of the shapes model's training set (0: all 60,000)
     concept_seed: int = 40_000
@@ -59,7 +60,7 @@ def concepts(cfg: BenchmarkConfig) -> list[dict]:
     rng = np.random.default_rng(cfg.concept_seed)
     held_shapes, trained_shapes = FACTORS["shape"][1], FACTORS["shape"][0]
     out = []
-    for j in range(cfg.models):
+    for j in range(cfg.models + cfg.extra_train_models):   # model j is the same whatever the total
         if j % 2 == 0:
             kind = "object"
             ex = [dataset.sample_item(rng, True, {"shape": held_shapes[(j // 2) % len(held_shapes)]}).factors]
@@ -126,8 +127,9 @@ def _features(folder: Path, encoder: str) -> torch.Tensor:
     return embed_images(load_folder_images(folder), encoder)
 
 
-def _split(n: int) -> tuple[list[int], list[int]]:
-    return list(range(n // 2)), list(range(n // 2, n))
+def _split(cfg: BenchmarkConfig) -> tuple[list[int], list[int]]:
+    n = cfg.models
+    return list(range(n // 2)) + list(range(n, n + cfg.extra_train_models)), list(range(n // 2, n))
 
 
 def rank_metrics(scores: torch.Tensor, n_exemplars: int) -> dict[str, float]:
@@ -159,7 +161,7 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     for j in range(len(cons)):
         ex.append(_features(out / "models" / f"{j:02d}" / "exemplars", cfg.encoder))
         syn.append(_features(out / "models" / f"{j:02d}" / "synth", cfg.encoder))
-    train_ids, test_ids = _split(len(cons))
+    train_ids, test_ids = _split(cfg)
 
     def group(ids, feats):
         return torch.cat([feats[j] for j in ids]), torch.cat([torch.full((len(feats[j]),), j) for j in ids])
@@ -211,6 +213,7 @@ def unlearn_eval(out: Path, cfg: BenchmarkConfig, cons, test_ids, dis_feats, ex,
     from difflab.core.data import encode_latents, encode_prompts, load_folder_images, to_pixels
     from difflab.customize import apply_weights
     from difflab.models import load_pipeline
+    from safetensors.torch import load_file, save_file
     base = load_pipeline("shapes")
     full = training_data(base, out / "distractors")
     n = min(cfg.unlearn_distractors, len(full))
@@ -225,11 +228,19 @@ def unlearn_eval(out: Path, cfg: BenchmarkConfig, cons, test_ids, dis_feats, ex,
         z_ex = encode_latents(pipe.vae, to_pixels(load_folder_images(out / "models" / f"{j:02d}" / "exemplars")))
         c_ex = encode_prompts(pipe, ["a <new1> shape"] * len(z_ex))
         data = TrainingData(torch.cat([dis.z[keep], z_ex]), torch.cat([dis.c[keep], c_ex]), [])
-        before = sweep_losses(pipe.unet, pipe.scheduler, data, cfg.unlearn, progress, "losses before")
+        before = None
         recs = [json.loads(line) for line in (out / "models" / f"{j:02d}" / "synth" / "metadata.jsonl").read_text().splitlines()]
         for q in range(min(cfg.unlearn_queries, len(recs))):
-            zq, cq = query_tensors(pipe, out / "models" / f"{j:02d}" / "synth" / recs[q]["file"], recs[q]["prompt"])
-            tau = attribute_by_unlearning(pipe, data, zq, cq, cfg.unlearn, fisher, before, progress=False)
+            saved = out / "unlearn" / f"{j:02d}-{q:02d}.safetensors"   # a rerun (new heads, say) reuses AbU's scores
+            if saved.exists():
+                tau = load_file(saved)["tau"]
+            else:
+                if before is None:
+                    before = sweep_losses(pipe.unet, pipe.scheduler, data, cfg.unlearn, progress, "losses before")
+                zq, cq = query_tensors(pipe, out / "models" / f"{j:02d}" / "synth" / recs[q]["file"], recs[q]["prompt"])
+                tau = attribute_by_unlearning(pipe, data, zq, cq, cfg.unlearn, fisher, before, progress=False)
+                saved.parent.mkdir(exist_ok=True)
+                save_file({"tau": tau.contiguous()}, saved)
             with torch.no_grad():
                 s_f = torch.cat([dis_feats[keep], ex[j]]) @ syn[j][q]
                 s_t = torch.cat([heads.real(dis_feats[keep]), heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0]
