@@ -562,7 +562,7 @@ def attribute_rank(train_dir, query, method, out, model, prompt, k, encoder, hea
 @click.option("--distractors", type=click.IntRange(0), default=10_000, show_default=True,
               help="First N images of the shapes training set (0: all 60,000).")
 @click.option("--customize-steps", type=click.IntRange(1), default=400, show_default=True)
-@click.option("--tune-steps", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--tune-steps", type=click.IntRange(1), default=300, show_default=True)
 @click.option("--unlearn-queries", type=click.IntRange(0), default=2, show_default=True, help="AbU queries per test model (0: skip).")
 @click.option("--unlearn-distractors", type=click.IntRange(1), default=2000, show_default=True)
 @click.option("--encoder", default="shapes-clip", show_default=True)
