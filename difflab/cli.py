@@ -516,7 +516,6 @@ def detect_localize(run, image, out):
     click.echo(json.dumps(localize(run, image, out)))
 
 
-# --- tour ----------------------------------------------------------------------------------------------------
 # --- attribute -----------------------------------------------------------------------------------------------
 @main.group(cls=_Group)
 def attribute():
@@ -609,6 +608,7 @@ def attribute_gold(out, queries, k, n_train, steps, methods, heads):
     click.echo(json.dumps({m: v for m, v in gold_standard(out, cfg).items() if m != "query_loss_base"}, indent=2))
 
 
+# --- tour ----------------------------------------------------------------------------------------------------
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("difflab-tour"), show_default=True)
 @click.option("--model", default="shapes", show_default=True)
