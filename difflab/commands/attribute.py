@@ -1,0 +1,102 @@
+"""`difflab attribute`: argument parsing and printing only; every command is one call into `difflab.attribute`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from difflab.cli import _Group, main
+from difflab.errors import DifflabError
+
+
+# --- attribute -----------------------------------------------------------------------------------------------
+@main.group(cls=_Group)
+def attribute():
+    """Which training images made this image? Feature ranking (AbC), tuned features, unlearning (AbU).
+
+    A training folder is PNGs + metadata.jsonl (file, caption or prompt); its features, latents, Fisher and
+    "before" losses are cached in FOLDER/.difflab-cache/ (safetensors) and reused across queries. A query image of
+    any size or mode is converted to RGB and resized (bicubic) to the encoder's or the model's input.
+    """
+
+
+@attribute.command("rank")
+@click.option("--train", "train_dir", type=click.Path(path_type=Path), required=True, help="Training image folder.")
+@click.option("--query", type=click.Path(path_type=Path), required=True, help="The synthesized image.")
+@click.option("--method", type=click.Choice(["features", "tuned", "unlearn"]), default="features", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--model", default="shapes", show_default=True, help="The model trained on --train (unlearn).")
+@click.option("--prompt", default=None, help="The query's prompt (unlearn; default: from metadata.jsonl beside it).")
+@click.option("--k", "k", type=click.IntRange(1), default=10, show_default=True, help="Top images in the sheet.")
+@click.option("--encoder", default="shapes-clip", show_default=True,
+              help="features/tuned: shapes-clip or a transformers CLIP/DINO folder or hub id.")
+@click.option("--heads", type=click.Path(path_type=Path), default=None, help="tuned: a heads/ folder.")
+@click.option("--fisher", type=click.Path(path_type=Path), default=None,
+              help="unlearn: a Fisher file to use (checked against the model) or to write.")
+@click.option("--unlearn-steps", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--unlearn-lr", type=float, default=3e-4, show_default=True, help="alpha of the Newton step (alpha/N F^-1 grad).")
+@click.option("--params", type=click.Choice(["xattn_kv", "xattn", "attn", "full"]), default="xattn_kv", show_default=True)
+@click.option("--flips", is_flag=True, help="unlearn: score mirror images too and keep the max.")
+def attribute_rank(train_dir, query, method, out, model, prompt, k, encoder, heads, fisher, unlearn_steps, unlearn_lr,
+                   params, flips):
+    """Rank every training image for one query. OUT gets ranking.json, top.png, config.json, metrics.json."""
+    from difflab.attribute import UnlearnConfig, rank
+    cfg = UnlearnConfig(steps=unlearn_steps, lr=unlearn_lr, params=params, flips=flips)
+    click.echo(json.dumps(rank(train_dir, query, out, method, model, prompt, k, encoder, heads, cfg, fisher), indent=2))
+
+
+@attribute.command("benchmark")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Benchmark folder (resumable).")
+@click.option("--models", type=click.IntRange(2), default=16, show_default=True, help="Custom Diffusion models (half train the heads).")
+@click.option("--extra-train-models", type=click.IntRange(0), default=40, show_default=True,
+              help="More models that only train the heads (with 8, the heads memorise them; docs/BENCHMARKS.md).")
+@click.option("--synth", type=click.IntRange(1), default=16, show_default=True, help="Synthesized images per model.")
+@click.option("--distractors", type=click.IntRange(0), default=10_000, show_default=True,
+              help="First N images of the shapes training set (0: all 60,000).")
+@click.option("--customize-steps", type=click.IntRange(1), default=400, show_default=True)
+@click.option("--tune-steps", type=click.IntRange(1), default=300, show_default=True)
+@click.option("--unlearn-queries", type=click.IntRange(0), default=2, show_default=True, help="AbU queries per test model (0: skip).")
+@click.option("--unlearn-distractors", type=click.IntRange(1), default=2000, show_default=True)
+@click.option("--encoder", default="shapes-clip", show_default=True)
+def attribute_benchmark(out, models, extra_train_models, synth, distractors, customize_steps, tune_steps, unlearn_queries,
+                        unlearn_distractors, encoder):
+    """The AbC-style benchmark on the shapes world: exemplars -> Custom Diffusion models -> synthesized queries;
+    tunes the heads (OUT/heads) and writes metrics.json: {"features": {"map", "recall@5", "recall@10",
+    "recall@100"}, "tuned": {...}, "unlearn": {...}}."""
+    from difflab.attribute import BenchmarkConfig, TuneConfig, run_benchmark
+    from difflab.attribute.benchmark import _customize_defaults
+    ccfg = _customize_defaults()
+    ccfg.steps = customize_steps
+    cfg = BenchmarkConfig(models=models, extra_train_models=extra_train_models, synth_per_model=synth, distractors=distractors, encoder=encoder,
+                          customize=ccfg, tune=TuneConfig(steps=tune_steps), unlearn_queries=unlearn_queries,
+                          unlearn_distractors=unlearn_distractors)
+    click.echo(json.dumps(run_benchmark(out, cfg), indent=2))
+
+
+@attribute.command("gold")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder (resumable).")
+@click.option("--queries", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--k", "k", type=click.IntRange(1), default=15, show_default=True, help="Training images removed per method and query.")
+@click.option("--n-train", type=click.IntRange(2), default=300, show_default=True, help="Training set size of the small model.")
+@click.option("--steps", type=click.IntRange(1), default=600, show_default=True, help="Small-model training steps.")
+@click.option("--methods", default="unlearn,features,random", show_default=True,
+              help="Comma-separated: unlearn, features, tuned (needs --heads), random.")
+@click.option("--heads", type=click.Path(path_type=Path), default=None, help="tuned: a heads/ folder.")
+def attribute_gold(out, queries, k, n_train, steps, methods, heads):
+    """The counterfactual gold standard: for each query of a small shapes model, retrain from scratch without
+    each method's top K and measure the query's loss increase and how far its regenerated image moves.
+    metrics.json: {"unlearn": {"loss_increase", "clip_distance", ...}, "features": {...}, "random": {...}}."""
+    from difflab.attribute import GoldConfig, gold_standard
+    from difflab.attribute.gold import METHODS
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+    bad = [m for m in chosen if m not in METHODS]
+    if bad or not chosen:
+        raise DifflabError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(METHODS)}")
+    if "tuned" in chosen and heads is None:
+        raise DifflabError("--methods tuned needs --heads DIR")
+    if k >= n_train:
+        raise DifflabError(f"--k {k} removes the whole training set (--n-train {n_train})")
+    cfg = GoldConfig(queries=queries, k=k, n_train=n_train, steps=steps, methods=chosen,
+                     tuned=str(heads) if heads else None)
+    click.echo(json.dumps({m: v for m, v in gold_standard(out, cfg).items() if m != "query_loss_base"}, indent=2))
