@@ -418,5 +418,6 @@ def tour(out, model, n, seed, train_steps, detect_images):
 # the larger command groups live in difflab/commands/ and register themselves on `main` when imported
 from difflab.commands import attribute as _attribute, detect as _detect  # noqa: E402,F401
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":   # python -m difflab.cli: run the imported module's `main`, where the groups registered
+    from difflab.cli import main as _entry
+    _entry()
