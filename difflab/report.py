@@ -31,6 +31,22 @@ def grid(images, captions=None, marks=None) -> str:
     return "<div class='grid'>" + "".join(cells) + "</div>"
 
 
+def sheet(rows, row_labels: list[str], col_labels: list[str], scale: int = 3):
+    """A labelled PNG grid (PIL image): rows of images, each cell the first image's size times `scale`."""
+    from PIL import Image, ImageDraw
+    s = rows[0][0].width * scale
+    left, top = 90, 18
+    out = Image.new("RGB", (left + s * len(col_labels), top + s * len(rows)), "white")
+    d = ImageDraw.Draw(out)
+    for j, c in enumerate(col_labels):
+        d.text((left + j * s + 4, 3), c, fill="black")
+    for i, (row, label) in enumerate(zip(rows, row_labels)):
+        d.text((4, top + i * s + s // 2 - 6), label, fill="black")
+        for j, im in enumerate(row):
+            out.paste(im.resize((s, s), Image.NEAREST), (left + j * s, top + i * s))
+    return out
+
+
 def table(header: list[str], rows: list[list]) -> str:
     def cell(v):
         return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))

@@ -234,7 +234,7 @@ def attribution_section(folder: Path, pipe, oracle, seed: int = 0, n_train: int 
     """Three generated queries ranked against the first `n_train` images of the shapes training set by features
     (and the first by AbU), each top image marked by the world's truth: does it share the shape and colour the
     oracle reads in the query?"""
-    from difflab.attribute import UnlearnConfig, rank
+    from difflab.attribute import rank
     from difflab.core.data import load_image, read_metadata
     from difflab.generate import generate_images
     from difflab.world import dataset
@@ -245,13 +245,13 @@ def attribution_section(folder: Path, pipe, oracle, seed: int = 0, n_train: int 
     images, records = generate_images(pipe, prompts, seed=seed, progress=False)
     (folder / "queries").mkdir()
     save_images(images, records, folder / "queries")
+    wants = oracle.predict(images)
     body, hits = [], []
     runs = [(i, "features") for i in range(len(prompts))] + ([(0, "unlearn")] if unlearn else [])
     for i, method in runs:
         q = folder / "queries" / records[i]["file"]
-        res = rank(folder / "train", q, folder / f"{method}-{i}", method=method, k=k, progress=False,
-                   unlearn=UnlearnConfig())
-        want = oracle.predict([images[i]])[0]
+        res = rank(folder / "train", q, folder / f"{method}-{i}", method=method, k=k, progress=False)
+        want = wants[i]
         marks = [all(recs[t["file"]]["factors"][f] == want[f] for f in ("shape", "color")) for t in res["top"]]
         total = sum(all(r["factors"][f] == want[f] for f in ("shape", "color")) for r in recs.values())
         hits.append(sum(marks) / len(marks))

@@ -216,7 +216,7 @@ def test_gold_standard_runs_end_to_end_and_resumes(tmp_path):
     pipe = load_pipeline("shapes")
     data = training_data(pipe, tmp_path / "gold" / "train")
     empty = encode_prompts(pipe, [""])[0]
-    a, b = train_small(data, empty, cfg), train_small(data, empty, cfg)
+    a, b = train_small(data, empty, pipe.scheduler, cfg), train_small(data, empty, pipe.scheduler, cfg)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 

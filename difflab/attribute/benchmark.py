@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from difflab.attribute.features import cached_features, embed_images
-from difflab.attribute.tuned import TuneConfig, load_heads, save_heads, train_heads
+from difflab.attribute.tuned import TuneConfig, save_heads, train_heads
 from difflab.attribute.unlearn import TrainingData, UnlearnConfig, attribute_by_unlearning, sweep_losses
 from difflab.core.runs import atomic_write_json, write_metrics
 from difflab.customize import CustomizeConfig
@@ -172,7 +172,6 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     heads = train_heads(s_tr, g_tr, e_tr, ge_tr, dis_feats, cfg.tune)
     save_heads(heads, out / "heads", cfg.encoder, {"benchmark": str(out), "train_models": train_ids})
     t_tune = time.time() - t1
-    heads = load_heads(out / "heads", cfg.encoder)
 
     def candidates(j: int, n_dis: int | None = None) -> torch.Tensor:
         """Indices of the distractors that stay candidates for model j (exact copies of its exemplars removed)."""
@@ -180,22 +179,27 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
         keep = [i for i, f in enumerate(dis_factors[:n_dis]) if f not in copies]
         return torch.tensor(keep)
 
-    per = {"features": [], "tuned": []}
     with torch.no_grad():
         real_dis = heads.real(dis_feats)
-        for j in test_ids:
-            keep = candidates(j)
-            for q in range(len(syn[j])):
-                s_f = torch.cat([dis_feats[keep], ex[j]]) @ syn[j][q]
-                s_t = torch.cat([real_dis[keep], heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0]
-                per["features"].append({"model": j, "query": q, **rank_metrics(s_f, len(ex[j]))})
-                per["tuned"].append({"model": j, "query": q, **rank_metrics(s_t, len(ex[j]))})
+
+    @torch.no_grad()
+    def feature_scores(j: int, q: int, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Query q of model j against the kept distractors, then its model's exemplars: untuned and tuned."""
+        return {"features": torch.cat([dis_feats[keep], ex[j]]) @ syn[j][q],
+                "tuned": torch.cat([real_dis[keep], heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0]}
+
+    per = {"features": [], "tuned": []}
+    for j in test_ids:
+        keep = candidates(j)
+        for q in range(len(syn[j])):
+            for name, scores in feature_scores(j, q, keep).items():
+                per[name].append({"model": j, "query": q, **rank_metrics(scores, len(ex[j]))})
     metrics = {m: _mean([{k: v for k, v in r.items() if k not in ("model", "query")} for r in rows])
                for m, rows in per.items()}
     metrics["models"] = {"train": len(train_ids), "test": len(test_ids)}
     metrics["queries"] = len(per["features"])
     if cfg.unlearn_queries:
-        metrics["unlearn_subset"] = unlearn_eval(out, cfg, cons, test_ids, dis_feats, ex, syn, heads, candidates,
+        metrics["unlearn_subset"] = unlearn_eval(out, cfg, test_ids, [len(e) for e in ex], candidates, feature_scores,
                                                  progress)
         metrics["unlearn"] = metrics["unlearn_subset"]["unlearn"]
     metrics["seconds"] = {"build": round(t_build, 1), "tune": round(t_tune, 1), "total": round(time.time() - t0, 1)}
@@ -204,16 +208,18 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     return metrics
 
 
-def unlearn_eval(out: Path, cfg: BenchmarkConfig, cons, test_ids, dis_feats, ex, syn, heads, candidates,
+def unlearn_eval(out: Path, cfg: BenchmarkConfig, test_ids, n_exemplars: list[int], candidates, feature_scores,
                  progress: bool = True) -> dict:
     """AbU on the first `unlearn_queries` queries of each test model, against its exemplars (conditioned on the
     training prompt "a <new1> shape", as AbU's AbC runs) plus the first `unlearn_distractors` distractors; the
-    Fisher is the base model's over those distractors, reused for every customized model (as AbU does)."""
+    Fisher is the base model's over those distractors, reused for every customized model (as AbU does). The
+    feature methods are scored on the same candidates (`feature_scores`, from run_benchmark)."""
     from difflab.attribute.unlearn import cached_fisher, query_tensors, training_data
-    from difflab.core.data import encode_latents, encode_prompts, load_folder_images, to_pixels
+    from safetensors.torch import load_file
+
+    from difflab.core.data import encode_latents, encode_prompts, load_folder_images, read_metadata, save_tensors, to_pixels
     from difflab.customize import apply_weights
     from difflab.models import load_pipeline
-    from safetensors.torch import load_file, save_file
     base = load_pipeline("shapes")
     full = training_data(base, out / "distractors")
     n = min(cfg.unlearn_distractors, len(full))
@@ -229,7 +235,7 @@ def unlearn_eval(out: Path, cfg: BenchmarkConfig, cons, test_ids, dis_feats, ex,
         c_ex = encode_prompts(pipe, ["a <new1> shape"] * len(z_ex))
         data = TrainingData(torch.cat([dis.z[keep], z_ex]), torch.cat([dis.c[keep], c_ex]), [])
         before = None
-        recs = [json.loads(line) for line in (out / "models" / f"{j:02d}" / "synth" / "metadata.jsonl").read_text().splitlines()]
+        recs = read_metadata(out / "models" / f"{j:02d}" / "synth")
         for q in range(min(cfg.unlearn_queries, len(recs))):
             saved = out / "unlearn" / f"{j:02d}-{q:02d}.safetensors"   # a rerun (new heads, say) reuses AbU's scores
             if saved.exists():
@@ -239,13 +245,9 @@ def unlearn_eval(out: Path, cfg: BenchmarkConfig, cons, test_ids, dis_feats, ex,
                     before = sweep_losses(pipe.unet, pipe.scheduler, data, cfg.unlearn, progress, "losses before")
                 zq, cq = query_tensors(pipe, out / "models" / f"{j:02d}" / "synth" / recs[q]["file"], recs[q]["prompt"])
                 tau = attribute_by_unlearning(pipe, data, zq, cq, cfg.unlearn, fisher, before, progress=False)
-                saved.parent.mkdir(exist_ok=True)
-                save_file({"tau": tau.contiguous()}, saved)
-            with torch.no_grad():
-                s_f = torch.cat([dis_feats[keep], ex[j]]) @ syn[j][q]
-                s_t = torch.cat([heads.real(dis_feats[keep]), heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0]
-            for name, s in (("unlearn", tau), ("features", s_f), ("tuned", s_t)):
-                rows[name].append(rank_metrics(s, len(ex[j])))
+                save_tensors(saved, {"tau": tau})
+            for name, scores in {"unlearn": tau, **feature_scores(j, q, keep)}.items():
+                rows[name].append(rank_metrics(scores, n_exemplars[j]))
     res = {m: _mean(r) for m, r in rows.items()}
     res["queries"] = len(rows["unlearn"])
     res["candidates"] = n

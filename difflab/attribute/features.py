@@ -29,9 +29,8 @@ def embed_images(images, encoder: str = "shapes-clip", batch_size: int = 256) ->
 def cached_features(folder: str | Path, encoder: str = "shapes-clip") -> tuple[torch.Tensor, list[str]]:
     """(features (N, D), files) of an image folder with metadata.jsonl, computed once per encoder and cached."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    from difflab.core.data import load_folder_images, read_metadata
+    from difflab.core.data import load_folder_images, read_metadata, save_tensors
     folder = Path(folder)
     records = read_metadata(folder)
     files = [r["file"] for r in records]
@@ -47,10 +46,7 @@ def cached_features(folder: str | Path, encoder: str = "shapes-clip") -> tuple[t
                 raise DifflabError(f"{cache} was made for other files than {folder}/metadata.jsonl lists; delete it")
             return fh.get_tensor("features"), files
     feats = embed_images(load_folder_images(folder, records), encoder).contiguous()
-    cache.parent.mkdir(exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.tmp")
-    save_file({"features": feats}, tmp, metadata={"encoder": encoder, "files": json.dumps(files)})
-    tmp.replace(cache)
+    save_tensors(cache, {"features": feats}, {"encoder": encoder, "files": json.dumps(files)})
     return feats, files
 
 

@@ -74,15 +74,13 @@ def training_order(n: int, keep: np.ndarray, count: int, seed: int) -> np.ndarra
     return np.concatenate(out)[:count]
 
 
-def train_small(data: TrainingData, empty: torch.Tensor, cfg: GoldConfig, removed=(), progress: bool = False):
-    """A small UNet trained from scratch on `data` without the `removed` indices; deterministic in cfg.seed."""
+def train_small(data: TrainingData, empty: torch.Tensor, scheduler, cfg: GoldConfig, removed=(), progress: bool = False):
+    """A small UNet trained from scratch on `data` without the `removed` indices; deterministic in cfg.seed.
+    `empty` is the empty caption's embedding (caption dropout), `scheduler` the one the model trains with."""
     unet = small_unet(cfg)
     keep = np.ones(len(data), bool)
     keep[list(removed)] = False
     order = torch.from_numpy(training_order(len(data), keep, cfg.steps * cfg.batch, cfg.seed))
-
-    from difflab.models import load_pipeline
-    sched = load_pipeline("shapes").scheduler
 
     def batch_fn(i):
         idx = order[i * cfg.batch:(i + 1) * cfg.batch]
@@ -93,7 +91,7 @@ def train_small(data: TrainingData, empty: torch.Tensor, cfg: GoldConfig, remove
 
     def loss_fn(b):
         z, c, g = b
-        return diffusion_loss(unet, sched, z, c, generator=g), {}
+        return diffusion_loss(unet, scheduler, z, c, generator=g), {}
 
     tc = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=min(50, cfg.steps // 10), lr_schedule="cosine",
                      weight_decay=0.0, seed=cfg.seed, desc="train", progress=progress, log_every=max(1, cfg.steps))
@@ -196,7 +194,7 @@ def gold_standard(out: str | Path, cfg: GoldConfig | None = None, progress: bool
     if (base_dir / "config.json").exists():
         unet0 = UNet2DConditionModel.from_pretrained(base_dir).eval().requires_grad_(False)
     else:
-        unet0 = train_small(data, empty, cfg, progress=progress)
+        unet0 = train_small(data, empty, pipe.scheduler, cfg, progress=progress)
         unet0.save_pretrained(base_dir)
     pipe0 = _pipe_with(pipe, unet0)
     qdir = out / "queries"
@@ -233,9 +231,9 @@ def gold_standard(out: str | Path, cfg: GoldConfig | None = None, progress: bool
         path = rdir / f"{m}-{q}.json"
         if path.exists():
             continue
-        unet = train_small(data, empty, cfg, removed=rankings[f"{m}-{q}"])
-        # all queries' rows, so that row q sees exactly the noise loss0[q] saw (image_losses seeds by row)
-        loss = image_losses(unet, pipe.scheduler, zq, cq, n_t // cfg.eval_stride, seed=cfg.seed + 1, progress=False)[q]
+        unet = train_small(data, empty, pipe.scheduler, cfg, removed=rankings[f"{m}-{q}"])
+        loss = image_losses(unet, pipe.scheduler, zq[q:q + 1], cq[q:q + 1], n_t // cfg.eval_stride, seed=cfg.seed + 1,
+                            progress=False, ids=torch.tensor([q]))[0]   # the noise loss0[q] saw
         regen = _regenerate(pipe, unet, [queries[q]])[0]
         regen.save(rdir / f"{m}-{q}.png")
         d = _image_distances([q_images[q]], [regen])

@@ -8,7 +8,6 @@ top.png (the query beside its top images), config.json and metrics.json.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,16 +21,10 @@ METHODS = ("features", "tuned", "unlearn")
 
 def query_prompt(image: Path, prompt: str | None) -> str | None:
     """The prompt given, or the one metadata.jsonl beside the image records for it (difflab generate writes it)."""
-    if prompt:
+    from difflab.core.data import read_metadata, text_of
+    if prompt or not (Path(image).parent / "metadata.jsonl").is_file():
         return prompt
-    meta = Path(image).parent / "metadata.jsonl"
-    if meta.is_file():
-        for line in meta.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                if rec.get("file") == Path(image).name:
-                    return rec.get("prompt", rec.get("caption"))
-    return None
+    return next((text_of(r) or None for r in read_metadata(Path(image).parent) if r["file"] == Path(image).name), None)
 
 
 def scores_for(method: str, train: Path, query: Path, model: str = "shapes", prompt: str | None = None,
@@ -68,19 +61,11 @@ def scores_for(method: str, train: Path, query: Path, model: str = "shapes", pro
     return attribute_by_unlearning(pipe, data, zq, cq, cfg, f, progress=progress), data.files, {"prompt": prompt}
 
 
-def top_sheet(query: Path, train: Path, files: list[str], labels: list[str], scale: int = 3):
-    """One row: the query, then the top training images, each labelled."""
-    from PIL import Image, ImageDraw
-
+def top_sheet(query: Path, train: Path, files: list[str], labels: list[str]):
+    """One row: the query, then the top training images, each column labelled."""
     from difflab.core.data import load_image
-    ims = [load_image(query)] + [load_image(Path(train) / f) for f in files]
-    side = max(max(im.size) for im in ims) * scale
-    sheet = Image.new("RGB", (side * len(ims), side + 14), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (im, lab) in enumerate(zip(ims, ["query"] + labels)):
-        sheet.paste(im.resize((side, side), Image.NEAREST), (i * side, 14))
-        draw.text((i * side + 2, 1), lab, fill="black")
-    return sheet
+    from difflab.report import sheet
+    return sheet([[load_image(query)] + [load_image(Path(train) / f) for f in files]], [""], ["query"] + labels)
 
 
 def rank(train: str | Path, query: str | Path, out: str | Path, method: str = "features", model: str = "shapes",

@@ -18,7 +18,7 @@ while fitting, as the official Calibrator).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -163,10 +163,9 @@ def calibrate(heads: Heads, synth, synth_group, exemplars, exemplar_group, distr
 
 
 def save_heads(heads: Heads, folder: str | Path, encoder: str, extra: dict | None = None) -> None:
-    from safetensors.torch import save_file
+    from difflab.core.data import save_tensors
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in heads.state_dict().items()}, folder / "heads.safetensors")
+    save_tensors(folder / "heads.safetensors", heads.state_dict())
     (folder / "heads.json").write_text(json.dumps({"encoder": encoder, "dim": heads.dim, "kind": heads.kind,
                                                    **(extra or {})}, indent=2) + "\n")
 
@@ -186,6 +185,3 @@ def load_heads(folder: str | Path, encoder: str | None = None) -> Heads:
     heads.encoder = meta["encoder"]
     return heads.eval().requires_grad_(False)
 
-
-def config_dict(cfg: TuneConfig) -> dict:
-    return asdict(cfg)

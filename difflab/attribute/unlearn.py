@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from difflab.core.data import ImageFolder, encode_latents, encode_prompts, fingerprint, load_image, to_pixels
+from difflab.core.data import (ImageFolder, encode_latents, encode_prompts, fingerprint, load_image, save_tensors,
+                               to_pixels)
 from difflab.core.diffusion import add_noise, diffusion_loss, target
 from difflab.core.params import freeze_all_but, select
 from difflab.core.sweep import sweep
@@ -98,14 +99,17 @@ def sweep_timesteps(scheduler, time_samples: int) -> torch.Tensor:
 
 @torch.no_grad()
 def image_losses(unet, scheduler, z: torch.Tensor, c: torch.Tensor, time_samples: int = 10, seed: int = 0,
-                 batch: int = 64, progress: bool = True, desc: str = "loss sweep") -> torch.Tensor:
-    """L(z_i, θ) for every row of z: the mean denoising loss over the fixed timesteps, noise seeded by i."""
+                 batch: int = 64, progress: bool = True, desc: str = "loss sweep",
+                 ids: torch.Tensor | None = None) -> torch.Tensor:
+    """L(z_i, θ) for every row of z: the mean denoising loss over the fixed timesteps, noise seeded by the row's
+    id (`ids[i]`, by default i), so a subset scored alone sees the noise it sees in the whole set."""
     ts = sweep_timesteps(scheduler, time_samples)
     dev = _device(unet)
+    ids = torch.arange(len(z)) if ids is None else ids
 
     def fn(idx):
         noise = torch.stack([torch.randn((len(ts), *z.shape[1:]), generator=torch.Generator().manual_seed(
-            seed * 1_000_003 + int(i))) for i in idx]).flatten(0, 1)
+            seed * 1_000_003 + int(ids[i]))) for i in idx]).flatten(0, 1)
         x0 = z[idx].repeat_interleave(len(ts), 0).to(dev)
         ctx = c[idx].repeat_interleave(len(ts), 0).to(dev)
         per = diffusion_loss(unet, scheduler, x0, ctx, noise=noise.to(dev), t=ts.repeat(len(idx)).to(dev),
@@ -155,12 +159,8 @@ def fisher_key(unet, data: TrainingData, cfg: UnlearnConfig) -> dict:
             "files": _key_hash({"files": data.files}), "epochs": cfg.fisher_epochs, "seed": cfg.seed}
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], key: dict) -> None:
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"key": json.dumps(key, sort_keys=True)})
-    tmp.replace(path)
+def _save_keyed(path: Path, tensors: dict[str, torch.Tensor], key: dict) -> None:
+    save_tensors(path, tensors, {"key": json.dumps(key, sort_keys=True)})
 
 
 def load_fisher(path: str | Path, unet, data: TrainingData, cfg: UnlearnConfig) -> dict[str, torch.Tensor]:
@@ -181,9 +181,8 @@ def load_fisher(path: str | Path, unet, data: TrainingData, cfg: UnlearnConfig) 
 
 def cached_fisher(unet, scheduler, data: TrainingData, cfg: UnlearnConfig, path: str | Path | None = None,
                   progress: bool = True) -> dict[str, torch.Tensor]:
-    """The Fisher of `data` under `unet`: from `path` when given (and checked), else cached beside the images."""
-    if path is not None and Path(path).exists():
-        return load_fisher(path, unet, data, cfg)
+    """The Fisher of `data` under `unet`: from `path` when given (checked; written there when absent), else
+    cached beside the images."""
     key = fisher_key(unet, data, cfg)
     cache = Path(path) if path is not None else (
         data.folder / ".difflab-cache" / f"fisher-{_key_hash(key)}.safetensors" if data.folder else None)
@@ -192,7 +191,7 @@ def cached_fisher(unet, scheduler, data: TrainingData, cfg: UnlearnConfig, path:
     fisher = fisher_diagonal(unet, scheduler, data.z, data.c, select(unet, cfg.params), cfg.fisher_epochs,
                              cfg.seed, progress=progress)
     if cache is not None:
-        save_tensors(cache, fisher, key)
+        _save_keyed(cache, fisher, key)
     return fisher
 
 
@@ -206,7 +205,7 @@ def cached_losses(unet, scheduler, data: TrainingData, cfg: UnlearnConfig, progr
         return load_file(cache)["losses"]
     losses = sweep_losses(unet, scheduler, data, cfg, progress, "losses before")
     if cache is not None:
-        save_tensors(cache, {"losses": losses}, key)
+        _save_keyed(cache, {"losses": losses}, key)
     return losses
 
 
@@ -283,6 +282,3 @@ def attribute_by_unlearning(pipe, data: TrainingData, z_query: torch.Tensor, c_q
     tau = after - before
     return tau.max(1).values if tau.ndim == 2 else tau
 
-
-def config_dict(cfg: UnlearnConfig) -> dict:
-    return asdict(cfg)

@@ -103,6 +103,16 @@ def fingerprint(module, params: dict[str, torch.Tensor] | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (a temp file renamed into place): a cache is whole or absent."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    tmp.replace(path)
+
+
 class ImageFolder:
     """An image folder (PNG + metadata.jsonl) whose VAE latents and text embeddings are computed once and
     cached in `folder/.difflab-cache/` as safetensors, keyed by a fingerprint of the encoder."""
@@ -123,15 +133,12 @@ class ImageFolder:
         return load_folder_images(self.folder, self.records, self.size)
 
     def _cached(self, kind: str, model, compute) -> torch.Tensor:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
         cache = self.folder / ".difflab-cache" / f"{kind}-{fingerprint(model)}.safetensors"
         if cache.exists():
             return load_file(cache)["x"]
         x = compute().detach().cpu().contiguous()
-        cache.parent.mkdir(exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp")
-        save_file({"x": x}, tmp)
-        tmp.replace(cache)
+        save_tensors(cache, {"x": x})
         return x
 
     def latents(self, vae, flip: bool = False) -> torch.Tensor:

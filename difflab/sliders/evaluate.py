@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from difflab.report import sheet
 from difflab.world.draw import FACTORS
 
 SCALES = (-2.0, -1.0, 0.0, 1.0, 2.0)
@@ -24,20 +25,6 @@ def generate_at(pipe, names: list[str], weights: list[float], prompt: str, n: in
     return images
 
 
-def _sheet(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str], scale: int = 3) -> Image.Image:
-    s = rows[0][0].width * scale
-    left, top = 90, 18
-    sheet = Image.new("RGB", (left + s * len(col_labels), top + s * len(rows)), "white")
-    d = ImageDraw.Draw(sheet)
-    for j, c in enumerate(col_labels):
-        d.text((left + j * s + 4, 3), c, fill="black")
-    for i, (row, label) in enumerate(zip(rows, row_labels)):
-        d.text((4, top + i * s + s // 2 - 6), label, fill="black")
-        for j, im in enumerate(row):
-            sheet.paste(im.resize((s, s), Image.NEAREST), (left + j * s, top + i * s))
-    return sheet
-
-
 def strip_rows(pipe, name: str, prompt: str, seed: int, n_seeds: int = 4, scales=SCALES) -> list[list[Image.Image]]:
     """Rows: seeds; columns: the slider's scale."""
     cols = [generate_at(pipe, [name], [s], prompt, n_seeds, seed) for s in scales]
@@ -51,10 +38,10 @@ def contact_sheet(pipe, names: list[str], prompt: str, folder: Path, seed: int =
     first = []
     for name in names:
         rows = strip_rows(pipe, name, prompt, seed, scales=scales)
-        _sheet(rows, [f"seed {seed + i}" for i in range(len(rows))], labels).save(Path(folder) / name / "strip.png")
+        sheet(rows, [f"seed {seed + i}" for i in range(len(rows))], labels).save(Path(folder) / name / "strip.png")
         first.append(rows[0])
     pipe.set_adapters(names, [0.0] * len(names))
-    _sheet(first, names, labels).save(Path(folder) / "contact_sheet.png")
+    sheet(first, names, labels).save(Path(folder) / "contact_sheet.png")
     return Path(folder) / "contact_sheet.png"
 
 

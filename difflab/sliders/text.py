@@ -129,10 +129,11 @@ def train_text_slider(model, target: str, positive: str, negative: str, out: str
         atomic_write_json(tmp / "config.json", {"config": asdict(cfg), "model": str(model), "target": target,
                                                 "positive": positive, "negative": negative, "neutral": neutral})
         atomic_write_json(tmp / "history.json", hist)
-        from difflab.sliders.evaluate import SCALES, _sheet, strip_rows
+        from difflab.report import sheet
+        from difflab.sliders.evaluate import SCALES, strip_rows
         rows = strip_rows(pipe, ADAPTER, target, cfg.seed + 10_000)
-        _sheet(rows, [f"seed {cfg.seed + 10_000 + i}" for i in range(len(rows))],
-               [f"{s:+g}" for s in SCALES]).save(tmp / "strip.png")
+        sheet(rows, [f"seed {cfg.seed + 10_000 + i}" for i in range(len(rows))],
+              [f"{s:+g}" for s in SCALES]).save(tmp / "strip.png")
         metrics = {"seconds_training": t_train, "final_loss": hist["loss"][-1]}
         if str(model) == "shapes":
             metrics.update(measure_ordinal(pipe, ADAPTER, target, seed=cfg.seed + 20_000))
