@@ -374,13 +374,19 @@ def similarity_score(img1, img2, model_dir):
 @click.option("--lora-dropout", type=float, default=0.3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--world", type=click.IntRange(0), default=0, show_default=True,
-              help="Add this many fresh shapes-world triplets, rendered in memory, to the train split.")
+              help="Add this many fresh shapes-world triplets (drawn from every world image) to the train split.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
+@click.option("--init", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Continue from a full-mode model folder (with --mode full).")
+@click.option("--checkpoints", type=click.Path(path_type=Path),
+              help="Folder for checkpoints every 500 steps; a rerun with the same folder resumes.")
 def similarity_train(triplets, out, backbones, mode, steps, batch_size, lr, lora_r, lora_alpha, lora_dropout, seed,
-                     world):
+                     world, lr_schedule, init, checkpoints):
     """Fine-tune DreamSim on the train split (hinge loss, margin 0.05) and report 2AFC on val and test."""
     from difflab.similarity import train_and_save
     res = train_and_save(triplets, out, list(backbones), mode, steps, batch_size, lr,
-                         {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout}, seed, world=world)
+                         {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout}, seed, world=world,
+                         lr_schedule=lr_schedule, init=init, checkpoints=checkpoints)
     click.echo(json.dumps(res, indent=2))
 
 

@@ -282,12 +282,11 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))
         return torch.stack(xs), torch.stack(masks), texts, torch.stack(zc), ctexts, g
 
-    vae_device, vae_dtype = next(pipe.vae.parameters()).device, next(pipe.vae.parameters()).dtype
-
     def loss_fn(b):
         x, m, texts, zc, ctexts, g = b
+        vae_w = next(pipe.vae.parameters())   # (train moves the pipeline: look its device up per step)
         with torch.no_grad():
-            z = pipe.vae.encode(x.to(vae_device, vae_dtype)).latent_dist.sample(g).float()
+            z = pipe.vae.encode(x.to(vae_w.device, vae_w.dtype)).latent_dist.sample(g).float()
             z = z * pipe.vae.config.scaling_factor
         c, add = conditioning.encode_deduplicated(pipe, texts + ctexts, lambda t: any(tk in t for tk in tokens))
         n = len(texts)
@@ -303,7 +302,7 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
     tc = TrainConfig(steps=cfg.steps, lr=cfg.lr, lr_by_param=emb_lr, seed=cfg.seed, progress=cfg.progress, desc="customize", weight_decay=0.0,
                      log_every=max(1, cfg.steps // 25), checkpoint_every=0)
     try:
-        hist = train(params, loss_fn, batch_fn, tc, modules=[pipe.unet])
+        hist = train(params, loss_fn, batch_fn, tc, modules=conditioning.pipeline_modules(pipe))
     finally:
         for h in hooks:
             h.remove()

@@ -152,7 +152,7 @@ def ablate(pipe, target: str, anchor: str, cfg: EraseConfig, anchor_prompts: lis
     tc = TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, progress=cfg.progress, desc="erase",
                      weight_decay=0.0, log_every=max(1, cfg.steps // 25), checkpoint_every=0)
     try:
-        hist = train(params, loss_fn, batch_fn, tc, modules=[pipe.unet])
+        hist = train(params, loss_fn, batch_fn, tc, modules=conditioning.pipeline_modules(pipe))
     finally:
         for h in hooks:
             h.remove()

@@ -12,7 +12,9 @@ attention projections (peft) or the MLP head alone.
 """
 from __future__ import annotations
 
+import itertools
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -253,34 +255,80 @@ def read_2afc(folder: str | Path, split: str | None = None, min_votes: int = 6) 
     return out
 
 
+def _factor_table():
+    """Per factor (FACTORS order): its values (trained, then held out) and the reference's sampling weights
+    (as sample_item with include_heldout: every shape alike, textures by TEXTURE_WEIGHTS, the rest uniform)."""
+    from difflab.world.dataset import TEXTURE_WEIGHTS
+    from difflab.world.draw import FACTORS, values
+    out = []
+    for fac in FACTORS:
+        vals = values(fac)
+        w = np.array([TEXTURE_WEIGHTS[v] for v in vals] if fac == "texture" else [1.0] * len(vals))
+        out.append((fac, vals, w / w.sum()))
+    return out
+
+
+def world_codes(n: int, seed: int = 0, max_changes: int = 3,
+                min_gap: float = MIN_GAP) -> tuple[np.ndarray, np.ndarray]:
+    """n shapes-world triplets as value indices, vectorised: codes (n, 3, F) for (ref, img0, img1) and
+    img1_closer (n,). img0 and img1 each change 1..max_changes factors of ref to another value, uniformly;
+    d(ref, x) = the sum of FACTOR_WEIGHTS over the factors x changes. Pairs whose distances differ by less than
+    `min_gap` count as ties and are redrawn (NIGHTS likewise keeps only triplets its raters agreed on)."""
+    table = _factor_table()
+    sizes = np.array([len(v) for _, v, _ in table])
+    weight = np.array([FACTOR_WEIGHTS[f] for f, _, _ in table])
+    rng = np.random.default_rng(seed)
+    ref = np.stack([rng.choice(len(v), size=n, p=p) for _, v, p in table], axis=1)
+
+    def vary(r: np.ndarray) -> np.ndarray:
+        m = len(r)
+        k = rng.integers(1, max_changes + 1, size=m)
+        order = np.argsort(rng.random((m, len(table))), axis=1)          # a random order of the factors
+        change = np.zeros_like(r, dtype=bool)
+        np.put_along_axis(change, order, np.arange(len(table))[None, :] < k[:, None], axis=1)
+        shift = rng.integers(1, sizes[None, :], size=r.shape)           # another value, uniformly
+        return np.where(change, (r + shift) % sizes, r)
+
+    a, b = np.empty_like(ref), np.empty_like(ref)
+    todo = np.arange(n)
+    while len(todo):
+        a[todo], b[todo] = vary(ref[todo]), vary(ref[todo])
+        gap = np.abs(((a[todo] != ref[todo]) * weight).sum(1) - ((b[todo] != ref[todo]) * weight).sum(1))
+        todo = todo[gap < max(min_gap, 1e-9)]
+    closer = ((b != ref) * weight).sum(1) < ((a != ref) * weight).sum(1)
+    return np.stack([ref, a, b], axis=1), closer
+
+
 def world_triplets(n: int, seed: int = 0, max_changes: int = 3,
                    min_gap: float = MIN_GAP) -> list[tuple[dict, dict, dict, bool]]:
-    """n shapes-world triplets as factor dicts (ref, img0, img1, img1_closer). img0 and img1 each change
-    1..max_changes factors of ref; d(ref, x) = the sum of FACTOR_WEIGHTS over the factors x changes. Pairs whose
-    distances differ by less than `min_gap` count as ties and are redrawn (NIGHTS likewise keeps only triplets
-    its raters agreed on), so every triplet has a clear ground truth."""
-    from difflab.world.dataset import sample_item
-    from difflab.world.draw import FACTORS, values
-    rng = np.random.default_rng(seed)
+    """world_codes as factor dicts: (ref, img0, img1, img1_closer)."""
+    table = _factor_table()
+    codes, closer = world_codes(n, seed, max_changes, min_gap)
+    dicts = [[{f: vals[i] for (f, vals, _), i in zip(table, c)} for c in trip] for trip in codes.tolist()]
+    return [(r, a, b, bool(c)) for (r, a, b), c in zip(dicts, closer)]
 
-    def vary(f: dict) -> dict:
-        g = dict(f)
-        for fac in rng.choice(list(FACTORS), size=rng.integers(1, max_changes + 1), replace=False):
-            g[fac] = str(rng.choice([v for v in values(fac) if v != f[fac]]))
-        return g
 
-    def dist(f, g):
-        return sum(w for fac, w in FACTOR_WEIGHTS.items() if f[fac] != g[fac])
-
-    out = []
-    for _ in range(n):
-        ref = sample_item(rng, include_heldout=True).factors
-        while True:
-            a, b = vary(ref), vary(ref)
-            if abs(dist(ref, a) - dist(ref, b)) >= max(min_gap, 1e-9):
-                break
-        out.append((ref, a, b, dist(ref, b) < dist(ref, a)))
+@lru_cache(maxsize=2)
+def world_images(image_size: int) -> torch.Tensor:
+    """Every image of the shapes world (each combination of factor values, FACTORS order, last factor fastest)
+    as uint8 (N, 3, S, S): the world is finite (15,552 images), so training draws triplets as indices into it."""
+    from difflab.world.draw import render
+    table = _factor_table()
+    pre = make_preprocess(image_size)
+    out = torch.empty((int(np.prod([len(v) for _, v, _ in table])), 3, image_size, image_size), dtype=torch.uint8)
+    for i, idx in enumerate(itertools.product(*[range(len(v)) for _, v, _ in table])):
+        img = pre(render({f: vals[j] for (f, vals, _), j in zip(table, idx)}))
+        out[i] = (img[0] * 255).round().to(torch.uint8)
     return out
+
+
+def world_index(codes: np.ndarray) -> np.ndarray:
+    """Value indices (..., F) -> row of world_images (mixed radix, last factor fastest)."""
+    sizes = [len(v) for _, v, _ in _factor_table()]
+    idx = np.zeros(codes.shape[:-1], dtype=np.int64)
+    for j, s in enumerate(sizes):
+        idx = idx * s + codes[..., j]
+    return idx
 
 
 def render_triplets(triplets, image_size: int) -> tuple[torch.Tensor, ...]:
@@ -339,10 +387,12 @@ def evaluate_2afc(distance, triplets: list[dict], image_size: int, batch_size: i
     """2AFC score of a distance function (a, b) -> (B,) on [0, 1] images."""
     from difflab.metrics import two_afc
     ref, x0, x1, p1 = load_triplets(triplets, image_size)
+    dev = next(distance.parameters()).device if isinstance(distance, nn.Module) else torch.device("cpu")
     d0, d1 = [], []
     for i in range(0, len(ref), batch_size):
-        d0.append(distance(ref[i:i + batch_size], x0[i:i + batch_size]))
-        d1.append(distance(ref[i:i + batch_size], x1[i:i + batch_size]))
+        r = ref[i:i + batch_size].to(dev)
+        d0.append(distance(r, x0[i:i + batch_size].to(dev)).cpu())
+        d1.append(distance(r, x1[i:i + batch_size].to(dev)).cpu())
     return {"2afc": two_afc(torch.cat(d0), torch.cat(d1), p1), "n": len(triplets)}
 
 
@@ -360,12 +410,13 @@ def hinge_loss(d0: torch.Tensor, d1: torch.Tensor, p1: torch.Tensor, margin: flo
 def train_dreamsim(model: DreamSim, triplets: list[dict], mode: str = "lora", steps: int = 1000,
                    batch_size: int = 16, lr: float = 3e-4, margin: float = 0.05, seed: int = 0,
                    lora: dict | None = None, out: Path | None = None, progress: bool = True,
-                   world: int = 0) -> dict:
+                   world: int = 0, lr_schedule: str = "constant") -> dict:
     """Fine-tune on 2AFC triplets with the hinge loss: LoRA on the backbones (mode "lora", r 16 / alpha 8 /
     dropout 0.3 by default), the residual MLP head alone (mode "mlp"), or every backbone weight (mode "full",
     for small backbones). Adam betas (0.5, 0.999) as DreamSim. `world` > 0 adds that many fresh shapes-world
-    triplets rendered in memory (seeded apart from make-2afc's) to the training set: the world is procedural,
-    so a small backbone need not overfit a few thousand triplets."""
+    triplets (seeded apart from make-2afc's) to the training set, as indices into world_images: the world is
+    procedural, so a small backbone need not overfit a few thousand triplets. `lr_schedule` "cosine" decays
+    the lr to 0 over the run (after a 5% warmup)."""
     from difflab.core.trainer import TrainConfig, train
     model.requires_grad_(False)
     if mode == "lora":
@@ -382,19 +433,36 @@ def train_dreamsim(model: DreamSim, triplets: list[dict], mode: str = "lora", st
         raise DifflabError(f"unknown training mode {mode!r}: use lora, mlp or full")
     for p in params.values():
         p.requires_grad_(True)
-    ref, x0, x1, p1 = load_triplets(triplets, model.image_size)
-    if world:
-        extra = render_triplets(world_triplets(world, seed=10_000_019 + seed), model.image_size)
-        ref, x0, x1, p1 = (torch.cat([t, e]) for t, e in zip((ref, x0, x1, p1), extra))
+    ref, x0, x1, p1 = load_triplets(triplets, model.image_size) if triplets else (None,) * 4
+    n_folder = 0 if ref is None else len(ref)
+    if world:   # index triplets into the world's finite image set: millions cost memory for indices only
+        codes, closer = world_codes(world, seed=10_000_019 + seed)
+        world_idx, world_p1 = torch.from_numpy(world_index(codes)), torch.from_numpy(closer).float()
+        images = world_images(model.image_size)
+    if n_folder + world == 0:
+        raise DifflabError("no training triplets: give a triplet folder with a train split, or world > 0")
     if mode == "mlp":   # frozen backbones: their features are computed once, only the head runs per step
+        def feats(t):
+            return torch.cat([model.features(t[i:i + 512]) for i in range(0, len(t), 512)])
         with torch.no_grad():
-            ref, x0, x1 = (torch.cat([model.features(t[i:i + 512]) for i in range(0, len(t), 512)])
-                           for t in (ref, x0, x1))
+            if n_folder:
+                ref, x0, x1 = (feats(t) for t in (ref, x0, x1))
+            if world:
+                images = feats(images.float() / 255)
     embed = model.head if mode == "mlp" else model.embed
 
     def batch_fn(i):
-        idx = torch.from_numpy(np.random.default_rng([seed, i]).integers(0, len(ref), batch_size))
-        return ref[idx], x0[idx], x1[idx], p1[idx]
+        """batch_size triplets drawn (with replacement, seeded by the step) from the folder's and the world's."""
+        idx = torch.from_numpy(np.random.default_rng([seed, i]).integers(0, n_folder + world, batch_size))
+        mine, theirs = idx[idx < n_folder], idx[idx >= n_folder] - n_folder
+        parts = []
+        if len(mine):
+            parts.append((ref[mine], x0[mine], x1[mine], p1[mine]))
+        if len(theirs):
+            w = images[world_idx[theirs]]
+            w = w if mode == "mlp" else w.float() / 255
+            parts.append((w[:, 0], w[:, 1], w[:, 2], world_p1[theirs]))
+        return tuple(torch.cat(t) for t in zip(*parts))
 
     def loss_fn(b):
         r, a0, a1, p = b
@@ -405,20 +473,31 @@ def train_dreamsim(model: DreamSim, triplets: list[dict], mode: str = "lora", st
         return hinge_loss(d0, d1, p, margin), {}
 
     cfg = TrainConfig(steps=steps, lr=lr, betas=(0.5, 0.999), weight_decay=0.0, log_every=max(1, steps // 20),
-                      checkpoint_every=0, seed=seed, desc=f"dreamsim-{mode}", progress=progress, max_grad_norm=None)
+                      lr_schedule=lr_schedule, warmup_steps=steps // 20 if lr_schedule == "cosine" else 0,
+                      checkpoint_every=500 if out is not None else 0, seed=seed, desc=f"dreamsim-{mode}",
+                      progress=progress, max_grad_norm=None)
     hist = train(params, loss_fn, batch_fn, cfg, out=out, modules=[model])
     model.eval().requires_grad_(False)
     return hist
 
 
 def train_and_save(triplets_dir, out, backbones=(SHAPES_CLIP,), mode="lora", steps=1500, batch_size=16,
-                   lr=3e-4, lora=None, seed=0, progress=True, world=0) -> dict:
-    """Train on the train split, save to `out` (atomically), write metrics.json with val/test 2AFC."""
+                   lr=3e-4, lora=None, seed=0, progress=True, world=0, lr_schedule="constant", init=None,
+                   checkpoints: Path | None = None) -> dict:
+    """Train on the train split, save to `out` (atomically), write metrics.json with val/test 2AFC.
+    `init`: continue from a full-mode model folder (its backbones, tuned) instead of the untuned backbones.
+    `checkpoints`: a folder for resumable checkpoints (every 500 steps; a rerun resumes from the last)."""
     from difflab.core.runs import atomic_write_json, output_folder, write_metrics
     train_t = read_2afc(triplets_dir, "train")
-    model = DreamSim([load_backbone(b) for b in backbones], mlp_hidden=512 if mode == "mlp" else None)
+    if init is not None:
+        model = DreamSim.from_pretrained(init)
+        if mode != "full" or not model.full_backbones:
+            raise DifflabError(f"--init continues a full-mode model with --mode full; {init} is not one")
+        backbones = [b.source for b in model.backbones]
+    else:
+        model = DreamSim([load_backbone(b) for b in backbones], mlp_hidden=512 if mode == "mlp" else None)
     hist = train_dreamsim(model, train_t, mode, steps, batch_size, lr, seed=seed, lora=lora, progress=progress,
-                          world=world)
+                          world=world, lr_schedule=lr_schedule, out=checkpoints)
     res = {}
     for split in ("val", "test"):
         try:
@@ -430,7 +509,8 @@ def train_and_save(triplets_dir, out, backbones=(SHAPES_CLIP,), mode="lora", ste
         model.save_pretrained(tmp)
         atomic_write_json(tmp / "config.json", {"triplets": str(triplets_dir), "backbones": list(backbones),
                                                 "mode": mode, "steps": steps, "batch_size": batch_size, "lr": lr,
-                                                "lora": lora, "seed": seed, "world": world})
+                                                "lora": lora, "seed": seed, "world": world,
+                                                "lr_schedule": lr_schedule, "init": str(init) if init else None})
         write_metrics(tmp, {**res, "final_loss": hist["loss"][-1]})
     return res
 

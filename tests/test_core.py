@@ -169,7 +169,7 @@ def test_multi_process_training_keeps_ranks_in_sync(tmp_path):
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         worker], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert p.returncode == 0, p.stderr[-2000:]
     assert "DDP-OK" in p.stdout
 

@@ -103,6 +103,11 @@ def test_world_triplets_have_a_clear_ground_truth_and_render_in_memory():
         assert 1 <= sum(ref[k] != a[k] for k in ref) <= 3
     ref, x0, x1, p1 = render_triplets(trip[:5], 32)
     assert ref.shape == x0.shape == (5, 3, 32, 32) and p1.tolist() == [float(t[3]) for t in trip[:5]]
+    # training draws the same triplets as rows of the world's image table: pixel-identical to rendering them
+    from difflab.similarity import world_codes, world_images, world_index
+    codes, closer = world_codes(300, seed=4, min_gap=MIN_GAP)
+    table = world_images(32)[torch.from_numpy(world_index(codes[:5]))].float() / 255
+    assert torch.equal(table[:, 0], ref) and torch.equal(table[:, 2], x1) and closer[:5].tolist() == p1.bool().tolist()
 
 
 def test_full_mode_tunes_the_backbone_with_world_triplets_and_round_trips(tmp_path, monkeypatch):

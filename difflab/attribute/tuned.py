@@ -124,9 +124,9 @@ def train_heads(synth: torch.Tensor, synth_group: torch.Tensor, exemplars: torch
         cands = heads.real(torch.cat([ex, dis]))
         logits = a @ cands.T / cfg.temperature
         # every exemplar in the batch drawn from the query's own model is a positive (soft target)
-        same = torch.cat([(groups[:, None] == groups[None, :]).float(), torch.zeros(len(sq), len(dis))], 1)
+        same = torch.cat([(groups[:, None] == groups[None, :]).float(), torch.zeros(len(sq), len(dis), device=sq.device)], 1)
         if not cfg.in_batch_negatives:   # mask out other models' exemplars: each query sees its own vs distractors
-            logits = logits.masked_fill(torch.cat([same[:, :len(ex)] == 0, torch.zeros(len(sq), len(dis), dtype=torch.bool)], 1), float("-inf"))
+            logits = logits.masked_fill(torch.cat([same[:, :len(ex)] == 0, torch.zeros(len(sq), len(dis), dtype=torch.bool, device=sq.device)], 1), float("-inf"))
         loss = -(same / same.sum(1, keepdim=True) * logits.log_softmax(-1).clamp_min(-1e4)).sum(1).mean()
         return loss, {}
 

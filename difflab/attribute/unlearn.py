@@ -235,13 +235,13 @@ def unlearn(unet, scheduler, z_query: torch.Tensor, c_query: torch.Tensor, fishe
     for n, p in params.items():
         f = fisher[n].to(p.device, torch.float64)
         scale = (1.0 / (n_train * (f + cfg.damping * f.mean()).clamp_min(1e-30))).to(p.dtype)
-        hooks.append(p.register_hook(lambda g, s=scale: g * s))
-    zq, cq = z_query.to(_device(unet)), c_query.to(_device(unet))
+        hooks.append(p.register_hook(lambda g, s=scale: g * s.to(g.device)))
 
-    def batch_fn(i):
-        return torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+    def batch_fn(i):   # the query travels with the batch, so it is on the device train() runs on
+        return z_query, c_query, torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
 
-    def loss_fn(g):
+    def loss_fn(b):
+        zq, cq, g = b
         loss = diffusion_loss(unet, scheduler, zq.expand(cfg.batch, *zq.shape[1:]),
                               cq.expand(cfg.batch, *cq.shape[1:]), generator=g)
         return -loss, {"query_loss": loss.item()}

@@ -20,6 +20,12 @@ def tokenizers_and_encoders(pipe) -> list[tuple]:
     return pairs
 
 
+def pipeline_modules(pipe) -> list:
+    """The modules a training loss on a pipeline may run (UNet, VAE, text encoders): `train` moves them all to
+    its device together, so no step mixes devices, and puts them back afterwards."""
+    return [pipe.unet, pipe.vae] + [te for _, te in tokenizers_and_encoders(pipe)]
+
+
 def encode(pipe, prompts: list[str], resolution: int | None = None):
     """(encoder_hidden_states, added_cond_kwargs or None) for a batch of prompts."""
     # (diffusers' `.device` walks the module's hooks: milliseconds per call, which a training step notices)

@@ -126,78 +126,85 @@ def train(
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adamw' or 'sgd'")
+    # train on accelerate's device, and put every module back where it was afterwards (on error too): the
+    # method's code after training (evaluation, saving) then runs where the caller placed the model
+    homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
     modules = [m.to(acc.device) for m in modules]
-    opt = acc.prepare(opt)   # the wrapper applies the fp16 grad scaler and skips steps while accumulating
-    world, rank = acc.num_processes, acc.process_index
-    ema = {n: p.detach().clone() for n, p in zip(names, plist)} if cfg.ema_decay else None
+    try:
+        opt = acc.prepare(opt)   # the wrapper applies the fp16 grad scaler and skips steps while accumulating
+        world, rank = acc.num_processes, acc.process_index
+        ema = {n: p.detach().clone() for n, p in zip(names, plist)} if cfg.ema_decay else None
 
-    start, history = 0, {"step": [], "loss": []}
-    ck = latest_checkpoint(out) if out is not None else None
-    if ck is not None:
-        w = load_file(ck / "params.safetensors")
-        with torch.no_grad():
-            for n, p in zip(names, plist):
-                p.copy_(w[n])
-        if ema is not None:
-            e = load_file(ck / "ema.safetensors")
-            ema = {n: e[n] for n in names}
-        meta = json.loads((ck / "state.json").read_text())
-        _load_optimizer(opt.optimizer if hasattr(opt, "optimizer") else opt,
-                        load_file(ck / "optimizer.safetensors"), meta["optimizer"])
-        start, history = meta["step"], meta["history"]
-
-    for m in modules:
-        m.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.desc,
-               disable=not (cfg.progress and acc.is_local_main_process), mininterval=1.0)
-    t0, running = time.time(), []
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * _lr_factor(cfg, step)
-        for micro in range(cfg.grad_accum):   # accelerate skips opt.step until the last micro-batch
-            with acc.accumulate(*modules):
-                batch = send_to_device(batch_fn((step * cfg.grad_accum + micro) * world + rank), acc.device)
-                with acc.autocast():
-                    loss, logs = loss_fn(batch)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"{cfg.desc}: the loss became {loss.item()} at step {step}; "
-                                        f"lower the learning rate (now {cfg.lr:g}) or use mixed_precision='no'")
-                acc.backward(loss)
-                if acc.sync_gradients and world > 1:
-                    for p in plist:
-                        if p.grad is not None:
-                            p.grad = acc.reduce(p.grad, reduction="mean")
-                if acc.sync_gradients and cfg.max_grad_norm:
-                    acc.clip_grad_norm_(plist, cfg.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+        start, history = 0, {"step": [], "loss": []}
+        ck = latest_checkpoint(out) if out is not None else None
+        if ck is not None:
+            w = load_file(ck / "params.safetensors")
             with torch.no_grad():
                 for n, p in zip(names, plist):
-                    ema[n].lerp_(p.detach(), 1 - d)
-        running.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            mean = sum(running) / len(running)
-            running = []
-            history["step"].append(step + 1)
-            history["loss"].append(mean)
-            for k, v in logs.items():
-                history.setdefault(k, []).append(float(v))
-            bar.set_postfix(loss=f"{mean:.4f}")
-            if on_log:
-                on_log(step + 1, {"loss": mean, **logs, "sec": time.time() - t0})
-        # checkpoint on schedule and at the end (so a finished run can be extended with more steps)
-        if out is not None and cfg.checkpoint_every and acc.is_main_process \
-                and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(out, step + 1, names, plist, ema, opt, history)
-    bar.close()
-    if ema is not None:
-        with torch.no_grad():
-            for n, p in zip(names, plist):
-                p.copy_(ema[n])
-    acc.wait_for_everyone()
-    return history
+                    p.copy_(w[n])
+            if ema is not None:
+                e = load_file(ck / "ema.safetensors")
+                ema = {n: e[n].to(p.device) for n, p in zip(names, plist)}   # (checkpoints load on the CPU)
+            meta = json.loads((ck / "state.json").read_text())
+            _load_optimizer(opt.optimizer if hasattr(opt, "optimizer") else opt,
+                            load_file(ck / "optimizer.safetensors"), meta["optimizer"])
+            start, history = meta["step"], meta["history"]
+
+        for m in modules:
+            m.train()
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.desc,
+                   disable=not (cfg.progress and acc.is_local_main_process), mininterval=1.0)
+        t0, running = time.time(), []
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * _lr_factor(cfg, step)
+            for micro in range(cfg.grad_accum):   # accelerate skips opt.step until the last micro-batch
+                with acc.accumulate(*modules):
+                    batch = send_to_device(batch_fn((step * cfg.grad_accum + micro) * world + rank), acc.device)
+                    with acc.autocast():
+                        loss, logs = loss_fn(batch)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"{cfg.desc}: the loss became {loss.item()} at step {step}; "
+                                            f"lower the learning rate (now {cfg.lr:g}) or use mixed_precision='no'")
+                    acc.backward(loss)
+                    if acc.sync_gradients and world > 1:
+                        for p in plist:
+                            if p.grad is not None:
+                                p.grad = acc.reduce(p.grad, reduction="mean")
+                    if acc.sync_gradients and cfg.max_grad_norm:
+                        acc.clip_grad_norm_(plist, cfg.max_grad_norm)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                d = min(cfg.ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for n, p in zip(names, plist):
+                        ema[n].lerp_(p.detach(), 1 - d)
+            running.append(loss.item())
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                mean = sum(running) / len(running)
+                running = []
+                history["step"].append(step + 1)
+                history["loss"].append(mean)
+                for k, v in logs.items():
+                    history.setdefault(k, []).append(float(v))
+                bar.set_postfix(loss=f"{mean:.4f}")
+                if on_log:
+                    on_log(step + 1, {"loss": mean, **logs, "sec": time.time() - t0})
+            # checkpoint on schedule and at the end (so a finished run can be extended with more steps)
+            if out is not None and cfg.checkpoint_every and acc.is_main_process \
+                    and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+                save_checkpoint(out, step + 1, names, plist, ema, opt, history)
+        bar.close()
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in zip(names, plist):
+                    p.copy_(ema[n])
+        acc.wait_for_everyone()
+        return history
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)
 
 
 def save_checkpoint(out: Path, step: int, names, plist, ema, opt, history, keep: int = 2) -> Path:

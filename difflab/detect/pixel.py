@@ -242,7 +242,7 @@ def train_pixel_detector(inpainted: list[str | Path], out: str | Path, cfg: Pixe
     def loss_fn(b):
         logits = model(b["x"])
         loss = dice_loss(logits, b["m"])
-        return loss, {"iou": M.iou((logits > 0).numpy(), b["m"].numpy())}
+        return loss, {"iou": M.iou((logits > 0).cpu().numpy(), b["m"].cpu().numpy())}
 
     tc = TrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=0.0, seed=cfg.seed, log_every=max(1, cfg.steps // 20),
                      checkpoint_every=0, progress=cfg.progress, desc="detect-pixel")

@@ -114,7 +114,7 @@ def discover(model, prompt: str | list[str], out: str | Path, cfg: DiscoverConfi
     # 1-3: samples, features, principal directions
     z0, sample_prompts = sample_latents(pipe, prompts, cfg.num_samples, cfg.seed, cfg.sample_steps, cfg.guidance,
                                         progress=cfg.progress)
-    from difflab.core.conditioning import encode
+    from difflab.core.conditioning import encode, pipeline_modules
     with torch.no_grad():
         cond = {p: encode(pipe, [p])[0] for p in prompts}
         feats = []
@@ -156,7 +156,7 @@ def discover(model, prompt: str | list[str], out: str | Path, cfg: DiscoverConfi
             unet.set_adapters([names[i]], [1.0])
             trainable_flags(unet, sliders)
             phi = clip_features(backbone, decode(vae, predict_x0(sched, z_t, unet(z_t, t, c).sample, t)))
-            losses.append((1 - F.cosine_similarity(phi - phi_ref, v[i][None], dim=-1)).mean())
+            losses.append((1 - F.cosine_similarity(phi - phi_ref, v[i][None].to(phi), dim=-1)).mean())
         loss = torch.stack(losses).mean()
         return loss, {"cos": 1 - loss.item()}
 
@@ -165,7 +165,7 @@ def discover(model, prompt: str | list[str], out: str | Path, cfg: DiscoverConfi
                      desc="sliderspace")
     t1 = time.time()
     with output_folder(Path(out)) as tmp:
-        hist = train(params, loss_fn, batch_fn, tc, modules=[unet])
+        hist = train(params, loss_fn, batch_fn, tc, modules=[*pipeline_modules(pipe), backbone])
         unet.eval()
         t_train = time.time() - t1
         from safetensors.torch import save_file

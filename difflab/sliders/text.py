@@ -68,7 +68,7 @@ def train_text_slider(model, target: str, positive: str, negative: str, out: str
     """Train the slider and write OUT (a slider folder: LoRA + slider_config.json, strip.png, metrics.json)."""
     from diffusers import DDIMScheduler
 
-    from difflab.core.conditioning import encode
+    from difflab.core.conditioning import encode, pipeline_modules
     from difflab.core.runs import atomic_write_json, output_folder, write_metrics
     from difflab.core.trainer import TrainConfig, train
     from difflab.models import load_pipeline
@@ -103,7 +103,7 @@ def train_text_slider(model, target: str, positive: str, negative: str, out: str
 
     def loss_fn(b):
         B = b["z"].shape[0]
-        c_t, c_p, c_m, c_n = conds[b["a"]]
+        c_t, c_p, c_m, c_n = (c.to(b["z"].device) for c in conds[b["a"]])   # train() may have moved the UNet
         rep = lambda c: c.expand(B, -1, -1)
         z_t = rollout(unet, sched, b["z"], b["k"], rep(c_t), rep(c_m), cfg.rollout_guidance)   # LoRA on
         t = sched.timesteps[b["k"]]
@@ -119,7 +119,7 @@ def train_text_slider(model, target: str, positive: str, negative: str, out: str
                      log_every=max(1, cfg.steps // 20), checkpoint_every=0, progress=cfg.progress,
                      desc="concept-slider")
     with output_folder(Path(out)) as tmp:
-        hist = train(sliders[ADAPTER], loss_fn, batch_fn, tc, modules=[unet])
+        hist = train(sliders[ADAPTER], loss_fn, batch_fn, tc, modules=pipeline_modules(pipe))
         unet.eval()
         t_train = time.time() - t0
         save_slider(pipe, ADAPTER, tmp, {"method": "concept-sliders-text", "target": target, "positive": positive,
