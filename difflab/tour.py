@@ -94,7 +94,7 @@ def similarity_section(folder: Path, seed: int = 0, n: int = 200, show: int = 6)
     from difflab.similarity import WEIGHTS_FILE, load_triplets
     untuned, _ = dreamsim(pretrained=False)
     dists = [("pixel_l2", pixel_l2), ("shapes_clip_untuned", untuned)]
-    if (WEIGHTS / "dreamsim" / WEIGHTS_FILE).exists():   # a tuned DreamSim ships only once it beats the bar
+    if (WEIGHTS / "dreamsim" / WEIGHTS_FILE).exists():   # the tuned shapes DreamSim (docs/BENCHMARKS.md)
         dists.append(("dreamsim_tuned", dreamsim()[0]))
     metrics = {f"similarity_2afc_{name}": evaluate_2afc(fn, trip, 32)["2afc"] for name, fn in dists}
     ref, x0, x1, p1 = load_triplets(trip[:show], 32)

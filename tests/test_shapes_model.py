@@ -93,6 +93,8 @@ def test_tour_writes_report_and_metrics(tmp_path):
     assert "Customize and erase" in html and 0 <= m["edit_new1_rate"] <= 1 and "edit_target_rate_after" in m
     assert "Sliders" in html and "sliders_distinct_dominant_factors" in m
     assert "Detection" in html and 0 <= m["detect_iou"] <= 1 and "detect_ap_ddim25_after_ddim25" in m
+    # the shipped tuned DreamSim beside the untuned embedding on the tour's 200 triplets
+    assert m["similarity_2afc_dreamsim_tuned"] >= m["similarity_2afc_shapes_clip_untuned"] + 0.10, m
     assert "Attribution" in html and (tmp_path / "t" / "attribute" / "unlearn-0" / "ranking.json").exists()
     # top-8 images share the query's shape and colour (as the oracle reads it) 28 % of the time; chance is ~3 %
     assert m["attribute_top_shape_color_match"] >= 0.25, m["attribute_top_shape_color_match"]
