@@ -35,6 +35,8 @@ def main():
     ap.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
     ap.add_argument("--model", type=Path, action="append", default=[], help="a trained DreamSim folder to score")
     ap.add_argument("--skip-small", action="store_true", help="skip the MLP and LoRA trainings")
+    ap.add_argument("--heldout-seed", type=int, default=None,
+                    help="also score 3,000 triplets of this seed, all one split (docs: 12345)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     trip = a.out / "triplets"
@@ -44,9 +46,15 @@ def main():
     if not (fresh / "data.csv").exists():
         make_2afc(fresh, 1000, seed=777, splits=(("test", 1.0),))
     test, fresh_t = read_2afc(trip, "test"), read_2afc(fresh, "test")
+    held = []
+    if a.heldout_seed is not None:
+        if not (a.out / "heldout" / "data.csv").exists():
+            make_2afc(a.out / "heldout", 3000, seed=a.heldout_seed, splits=(("test", 1.0),))
+        held = read_2afc(a.out / "heldout", "test")
 
     def row(name, fn, took="-"):
-        return (name, evaluate_2afc(fn, test, 32)["2afc"], evaluate_2afc(fn, fresh_t, 32)["2afc"], took)
+        h = f"{evaluate_2afc(fn, held, 32)['2afc']:.3f}" if held else "-"
+        return (name, evaluate_2afc(fn, test, 32)["2afc"], evaluate_2afc(fn, fresh_t, 32)["2afc"], h, took)
     rows = [row("pixel L2", pixel_l2)]
     untuned = DreamSim([load_backbone("shapes-clip")]).eval()
     rows.append(row("shapes CLIP, untuned", untuned))
@@ -73,9 +81,9 @@ def main():
             ts.append(time.perf_counter() - t)
     ips = 256 / statistics.median(ts)
     print(f"shapes 2AFC: {a.n} triplets, test split n={len(test)}; torch {torch.__version__}, {a.threads} threads\n")
-    print("| distance | test 2AFC | fresh world 2AFC | training time |\n|---|---|---|---|")
-    for name, s, f, tt in rows:
-        print(f"| {name} | {s:.3f} | {f:.3f} | {tt} |")
+    print("| distance | test 2AFC | fresh world 2AFC | held-out 3,000 | training time |\n|---|---|---|---|---|")
+    for name, s, f, h, tt in rows:
+        print(f"| {name} | {s:.3f} | {f:.3f} | {h} | {tt} |")
     print(f"\nembedding throughput (shapes CLIP tower, batch 256, median of 5): {ips:.0f} images/s")
     (a.out / "results.json").write_text(json.dumps({"rows": rows, "images_per_s": ips}, indent=2))
 
