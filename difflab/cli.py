@@ -68,6 +68,15 @@ def world_sample(n, seed, out, include_heldout, where):
     click.echo(f"wrote {n} images and metadata.jsonl to {out}")
 
 
+@world.command("captions")
+@click.option("--n", "n", type=click.IntRange(1), required=True, help="Number of distinct captions.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def world_captions(n, seed):
+    """Print N distinct captions of the base training kind, one per line (e.g. for customize --reg-prompts)."""
+    from difflab.world.dataset import captions
+    click.echo("\n".join(captions(n, seed)))
+
+
 @world.command("info")
 def world_info():
     """Print the world's factors (trained and held-out values) and resolution as JSON."""
@@ -172,11 +181,17 @@ def generate(model, prompts, prompts_file, n, seed, steps, guidance, adapters, s
 @click.option("--token-lr", type=float, default=None,
               help="The modifier token rows' own learning rate (default: --lr, as the paper).")
 @click.option("--reg-prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="A text file of more prompts (one per line) for the class images, cycled with the class prompt.")
+              help="A text file of captions (one per line): half of the class images are made from them, in turn, "
+                   "the other half from the class prompt (e.g. `difflab world captions --n 64`).")
+@click.option("--feature-reg", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Weight of a penalty on how much K/V change what cross-attention reads from captions without "
+                   "a new token (the merge's objective, eq. 4, during training). 0: off, as the paper.")
+@click.option("--feature-reg-prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Captions (one per line) for --feature-reg (default: 200 shapes-world captions).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def customize(model, images, tokens, class_prompts, concepts_file, steps, lr, batch_size, params,
-              num_class_images, no_augment, token_lr, reg_prompts, seed, out):
+              num_class_images, no_augment, token_lr, reg_prompts, feature_reg, feature_reg_prompts, seed, out):
     """Custom Diffusion: teach the model new concepts from a few images (K/V + a modifier token each).
 
     OUT gets the weights in diffusers' Custom Diffusion format, config.json and metrics.json (on the shapes
@@ -199,7 +214,9 @@ def customize(model, images, tokens, class_prompts, concepts_file, steps, lr, ba
         concepts = [Concept(str(i), t, c) for i, t, c in zip(images, tokens, class_prompts)]
     reg = _lines(reg_prompts, "--reg-prompts")
     cfg = CustomizeConfig(steps=steps, lr=lr, batch_size=batch_size, params=params, num_class_images=num_class_images,
-                          augment=not no_augment, seed=seed, token_lr=token_lr, reg_prompts=reg)
+                          augment=not no_augment, seed=seed, token_lr=token_lr, reg_prompts=reg,
+                          feature_reg=feature_reg,
+                          feature_reg_prompts=_lines(feature_reg_prompts, "--feature-reg-prompts"))
     click.echo(json.dumps(run(model, concepts, out, cfg), indent=2))
 
 

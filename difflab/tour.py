@@ -117,13 +117,13 @@ def customize_erase_section(folder: Path, steps: int, base_pipe, seed: int = 0, 
     """Teach the held-out heart from 8 images (Custom Diffusion) and erase the star (Concept Ablation), each
     trained `steps` steps here; the oracle marks each generated image. Short runs: docs/BENCHMARKS.md has the
     full-length figures."""
-    from difflab.customize import Concept, CustomizeConfig, customize
+    from difflab.customize import Concept, customize, shapes_recipe
     from difflab.erase import EraseConfig, erase_run
     from difflab.generate import generate_images
     folder.mkdir(parents=True)
     sample_folder(folder / "heart-images", n=8, seed=seed, include_heldout=True, where=["shape=heart"])
     cm = customize("shapes", [Concept(str(folder / "heart-images"))], folder / "customize",
-                   CustomizeConfig(steps=steps, progress=True))
+                   shapes_recipe(steps=steps, progress=True))
     em = erase_run("shapes", "a star", "a shape", folder / "erase", EraseConfig(steps=steps, progress=True))
     oracle = load_oracle()
     body = ""

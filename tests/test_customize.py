@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.customize import (Concept, CustomizeConfig, apply_weights, merge, merge_matrix, read_weights,
-                               save_weights, train_concepts)
+from difflab.customize import (Concept, CustomizeConfig, apply_weights, kv_output_penalty, merge, merge_matrix,
+                               read_weights, save_weights, train_concepts)
 from difflab.errors import DifflabError
 from safetensors.torch import load_file
 
@@ -42,6 +42,29 @@ def test_training_changes_only_kv_and_the_new_row(tiny_pipeline_dir, tmp_path):
     new_id = pipe.tokenizer.convert_tokens_to_ids("<new1>")
     assert new_id == emb.shape[0] - 1
     assert torch.equal(emb[:-1], emb0) and not torch.equal(emb[new_id], emb[pipe.tokenizer("ktn", add_special_tokens=False).input_ids[0]])
+
+
+def test_feature_penalty_measures_kv_output_change_and_restrains_training(tiny_pipeline_dir, tmp_path):
+    from difflab.core.params import select
+    pipe = _pipe(tiny_pipeline_dir)
+    kv = select(pipe.unet, "xattn_kv")
+    cfg = CustomizeConfig(feature_reg_prompts=["a red circle", "a blue star on a white background", "a shape"])
+    penalty = kv_output_penalty(pipe, kv, cfg)
+    assert penalty().item() == 0.0
+    with torch.no_grad():   # every K/V output 10 % larger: relative squared change 0.01, for keys and values alike
+        for p in kv.values():
+            p.mul_(1.1)
+    assert abs(penalty().item() - 0.01) < 1e-5
+    # training with a strong penalty moves K/V (measured by the penalty itself) far less than without
+    moved = {}
+    for weight in (0.0, 100.0):
+        pipe = _pipe(tiny_pipeline_dir)
+        probe = kv_output_penalty(pipe, select(pipe.unet, "xattn_kv"), cfg)
+        c = CustomizeConfig(steps=6, lr=1e-2, batch_size=2, num_class_images=4, class_steps=2, progress=False,
+                            feature_reg=weight, feature_reg_prompts=cfg.feature_reg_prompts)
+        train_concepts(pipe, [Concept(str(_images(tmp_path)))], c, tmp_path / f"work{weight}")
+        moved[weight] = probe().item()
+    assert moved[0.0] > 0 and moved[100.0] < 0.5 * moved[0.0]
 
 
 def test_saved_weights_load_into_a_fresh_base_and_reproduce_the_trained_model(tiny_pipeline_dir, tmp_path):

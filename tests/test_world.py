@@ -88,3 +88,13 @@ def test_cli_bad_where_is_one_line_exit_2(tmp_path):
     assert res.exit_code == 2
     assert res.output.strip().count("\n") == 0 and "unknown shape 'blob'" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_captions_are_distinct_and_never_name_heldout_values():
+    res = CliRunner().invoke(main, ["world", "captions", "--n", "50", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert len(lines) == 50 == len(set(lines))
+    heldout = {v for f in FACTORS for v in FACTORS[f][1]}
+    assert not any(set(parse_prompt(c).values()) & heldout for c in lines)
+    assert lines == CliRunner().invoke(main, ["world", "captions", "--n", "50", "--seed", "3"]).output.splitlines()

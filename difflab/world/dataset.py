@@ -98,6 +98,17 @@ def training_set(n: int = TRAIN_SIZE, seed: int = TRAIN_SEED) -> list[Item]:
     return sample(n, seed)
 
 
+def captions(n: int, seed: int = TRAIN_SEED) -> list[str]:
+    """n distinct base-training-style captions (no held-out value named), in the order they are drawn: the
+    regularisation captions that customize and merge keep the model's behaviour on."""
+    rng, out = np.random.default_rng(seed), {}
+    for _ in range(1000 * n):
+        out.setdefault(sample_item(rng).caption, None)
+        if len(out) == n:
+            return list(out)
+    raise ValueError(f"the world has fewer than {n} distinct captions")
+
+
 def parse_where(pairs: list[str]) -> dict[str, str]:
     """["shape=heart", "color=red"] -> {"shape": "heart", "color": "red"}, validated against the world."""
     out = {}
