@@ -171,6 +171,9 @@ def generate(model, prompts, prompts_file, n, seed, steps, guidance, adapters, s
 @click.option("--class-prompt", "class_prompts", multiple=True, help='Its class prompt, e.g. "a shape".')
 @click.option("--concepts", "concepts_file", type=click.Path(path_type=Path),
               help='JSON list of {"images", "token", "class_prompt"[, "instance_prompt"]} instead.')
+@click.option("--captions", is_flag=True,
+              help="Each image's own caption from its folder's metadata.jsonl as its prompt (each must hold the "
+                   "token); default: one prompt, the class prompt with the token.")
 @click.option("--steps", type=click.IntRange(1), default=250, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
@@ -190,7 +193,7 @@ def generate(model, prompts, prompts_file, n, seed, steps, guidance, adapters, s
               help="Captions (one per line) for --feature-reg (default: 200 shapes-world captions).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-def customize(model, images, tokens, class_prompts, concepts_file, steps, lr, batch_size, params,
+def customize(model, images, tokens, class_prompts, concepts_file, captions, steps, lr, batch_size, params,
               num_class_images, no_augment, token_lr, reg_prompts, feature_reg, feature_reg_prompts, seed, out):
     """Custom Diffusion: teach the model new concepts from a few images (K/V + a modifier token each).
 
@@ -211,7 +214,7 @@ def customize(model, images, tokens, class_prompts, concepts_file, steps, lr, ba
         class_prompts = list(class_prompts) or ["a shape"] * len(images)
         if not len(images) == len(tokens) == len(class_prompts):
             raise DifflabError("give one --token and one --class-prompt per --images")
-        concepts = [Concept(str(i), t, c) for i, t, c in zip(images, tokens, class_prompts)]
+        concepts = [Concept(str(i), t, c, captions=captions) for i, t, c in zip(images, tokens, class_prompts)]
     reg = _lines(reg_prompts, "--reg-prompts")
     cfg = CustomizeConfig(steps=steps, lr=lr, batch_size=batch_size, params=params, num_class_images=num_class_images,
                           augment=not no_augment, seed=seed, token_lr=token_lr, reg_prompts=reg,

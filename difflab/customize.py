@@ -32,6 +32,7 @@ class Concept:
     token: str = "<new1>"
     class_prompt: str = "a shape"
     instance_prompt: str | None = None   # default: the class prompt with the token before its noun
+    captions: bool = False           # each image's own caption from metadata.jsonl (each must hold the token)
 
     def prompt(self) -> str:
         if self.instance_prompt:
@@ -212,15 +213,23 @@ def apply_weights(pipe, folder: Path, scale: float = 1.0) -> list[str]:
 
 
 # --- training ------------------------------------------------------------------------------------------------
-def _load_concept_images(c: Concept, size: int) -> torch.Tensor:
-    from difflab.core.data import load_image, to_pixels
+def _load_concept_images(c: Concept, size: int) -> tuple[torch.Tensor, list[str]]:
+    """The concept's images in [-1, 1] and each one's instance prompt (its caption with `captions`)."""
+    from difflab.core.data import load_folder_images, load_image, read_metadata, text_of, to_pixels
     folder = Path(c.images)
     if not folder.is_dir():
         raise DifflabError(f"concept images {folder} is not a folder")
+    if c.captions:
+        recs = read_metadata(folder)
+        texts = [text_of(r) for r in recs]
+        missing = [r["file"] for r, t in zip(recs, texts) if c.token not in t]
+        if missing:
+            raise DifflabError(f"{len(missing)} captions in {folder}/metadata.jsonl lack {c.token} (e.g. {missing[0]})")
+        return to_pixels(load_folder_images(folder, recs, size)), texts
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not files:
         raise DifflabError(f"{folder} holds no images (.png, .jpg, .jpeg, .webp)")
-    return to_pixels([load_image(f, size) for f in files])
+    return to_pixels([load_image(f, size) for f in files]), [c.prompt()] * len(files)
 
 
 @torch.no_grad()
@@ -253,8 +262,7 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
     if len({c.token for c in concepts}) != len(concepts):
         raise DifflabError("each concept needs its own token (<new1>, <new2>, ...)")
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    data = [_load_concept_images(c, size) for c in concepts]
-    prompts = [c.prompt() for c in concepts]
+    data, prompts = zip(*[_load_concept_images(c, size) for c in concepts])
     # the paper's regularisation images are retrieved for the class name, each with its own caption: here the
     # class prompt makes every other class image and the --reg-prompts captions the rest
     class_prompts = [[q for r in cfg.reg_prompts for q in (c.class_prompt, r)] or [c.class_prompt] for c in concepts]
@@ -285,14 +293,15 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
         xs, masks, texts, zc, ctexts = [], [], [], [], []
         for c, x_all, p, z, cp in zip(concepts, data, prompts, z_class, class_prompts):
             for _ in range(cfg.batch_size):
-                x = x_all[rng.integers(len(x_all))]
+                k = int(rng.integers(len(x_all)))
+                x = x_all[k]
                 if cfg.augment:
                     x, m, prefix = rescale_augment(x, rng, f)
                 else:
                     m, prefix = torch.ones(1, size // f, size // f), ""
                 xs.append(x)
                 masks.append(m)
-                texts.append(prefix + p)
+                texts.append(prefix + p[k])
                 j = int(rng.integers(len(z)))
                 zc.append(z[j])
                 ctexts.append(cp[j % len(cp)])

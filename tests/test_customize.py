@@ -215,3 +215,24 @@ def test_instance_prompt_without_the_token_and_unreadable_images_fail_clearly(ti
     bad = r.invoke(main, ["customize", "--model", str(tiny_pipeline_dir), "--images", str(imgs),
                           "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "broken.png" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_per_image_captions_train_and_a_caption_without_the_token_fails_clearly(tiny_pipeline_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from difflab.cli import main
+    imgs = _images(tmp_path)   # world captions ("a heart ..."), which do not hold <new1>
+    (tmp_path / "c.json").write_text(json.dumps([{"images": str(imgs), "token": "<new1>", "captions": True}]))
+    args = ["customize", "--model", str(tiny_pipeline_dir), "--concepts", str(tmp_path / "c.json"), "--steps", "2",
+            "--num-class-images", "2"]
+    bad = CliRunner().invoke(main, args + ["--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "lack <new1>" in bad.output and not (tmp_path / "bad").exists()
+    meta = imgs / "metadata.jsonl"
+    recs = [json.loads(line) for line in meta.read_text().splitlines()]
+    meta.write_text("".join(json.dumps({**r, "caption": r["caption"].replace("heart", "<new1> shape")}) + "\n"
+                            for r in recs))
+    ok = CliRunner().invoke(main, args + ["--out", str(tmp_path / "ok")])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "ok" / "config.json").read_text())["concepts"][0]["captions"] is True
