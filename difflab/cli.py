@@ -170,7 +170,7 @@ def generate(model, prompts, prompts_file, n, seed, steps, guidance, adapters, s
 @click.option("--token", "tokens", multiple=True, help="Its modifier token, e.g. <new1> (one per --images).")
 @click.option("--class-prompt", "class_prompts", multiple=True, help='Its class prompt, e.g. "a shape".')
 @click.option("--concepts", "concepts_file", type=click.Path(path_type=Path),
-              help='JSON list of {"images", "token", "class_prompt"[, "instance_prompt"]} instead.')
+              help='JSON list of {"images", "token", "class_prompt"[, "instance_prompt", "captions"]} instead.')
 @click.option("--captions", is_flag=True,
               help="Each image's own caption from its folder's metadata.jsonl as its prompt (each must hold the "
                    "token); default: one prompt, the class prompt with the token.")
