@@ -66,8 +66,8 @@ class CustomizeConfig:
 
 
 def shapes_recipe(**overrides) -> CustomizeConfig:
-    """The settings that meet the issue's bars on the shapes model (docs/BENCHMARKS.md, session 6); the CLI's
-    defaults stay the paper's. A larger lr than the paper's (its lr teaches this 64-dim text space nothing), the
+    """The settings that meet the single-concept bars on the shapes model (docs/BENCHMARKS.md, session 6); the
+    CLI's defaults stay the paper's. A larger lr than the paper's (its lr teaches this 64-dim text space nothing), the
     token at its own lr, half of the class images from world captions, and the K/V output penalty, which is what
     keeps the larger lr from changing prompts without the token."""
     from difflab.world.dataset import captions
@@ -356,14 +356,21 @@ def kv_output_penalty(pipe, params: dict, cfg: CustomizeConfig):
         H = conditioning.encode(pipe, prompts)[0].double()    # (captions, positions, d): what K/V read
     Hc = H - H.mean(1, keepdim=True)
     gram = {"to_k": torch.einsum("npd,npe->de", Hc, Hc), "to_v": torch.einsum("npd,npe->de", H, H)}
-    mats = []
+    mats = []   # (W, W0, G, ||W0 C^T||^2): the denominator is fixed, so it is computed once, not every step
     for n, p in params.items():
         for kind, G in gram.items():
             if n.endswith(f"attn2.{kind}.weight"):
-                mats.append((p, p.detach().clone(), (G / len(H)).float()))
+                W0, G = p.detach().clone(), (G / len(H)).float()
+                mats.append((p, W0, G, float(((W0 @ G) * W0).sum())))
 
     def penalty() -> torch.Tensor:
-        terms = [(((W - W0) @ G.to(W)) * (W - W0)).sum() / ((W0 @ G.to(W)) * W0).sum() for W, W0, G in mats]
+        terms = []
+        for i, (W, W0, G, denom) in enumerate(mats):
+            if W0.device != W.device:   # train() moved the model to its device: follow it, once
+                mats[i] = (W, W0.to(W.device), G.to(W.device), denom)
+                W0, G = mats[i][1], mats[i][2]
+            dW = W - W0
+            terms.append(((dW @ G) * dW).sum() / denom)
         return torch.stack(terms).mean()
     return penalty
 
