@@ -112,9 +112,10 @@ def token_embeddings(pipe, tokens: list[str]) -> dict[str, list[torch.Tensor]]:
 
 def _only_rows(weight: torch.nn.Parameter, rows: list[int]):
     """Gradient hook: only the given embedding rows learn (the last one included; see the reference's bug)."""
-    keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype)
     keep[rows] = 1
-    return weight.register_hook(lambda g: g * keep)
+    on = {}   # the mask on the gradient's device, made once (train() may move the model after the hook is set)
+    return weight.register_hook(lambda g: g * on.setdefault(g.device, keep.to(g.device)))
 
 
 def detach_start_token(unet) -> list:

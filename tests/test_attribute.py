@@ -198,7 +198,11 @@ def test_gold_standard_runs_end_to_end_and_resumes(tmp_path):
     from difflab.attribute import GoldConfig, UnlearnConfig, gold_standard
     cfg = GoldConfig(n_train=24, queries=2, k=3, steps=4, batch=8, methods=("unlearn", "features", "random"),
                      unlearn=UnlearnConfig(steps=2, grad_accum=1, batch=4, time_samples=2), eval_stride=100)
-    m = gold_standard(tmp_path / "gold", cfg, progress=False)
+    # two shards split the 6 retrainings; the first to finish reports the other's jobs as pending
+    first = gold_standard(tmp_path / "gold", cfg, progress=False, shard=(0, 2))
+    assert first == {"pending": ["features-0", "unlearn-1", "random-1"]}
+    assert not (tmp_path / "gold" / "metrics.json").exists()
+    m = gold_standard(tmp_path / "gold", cfg, progress=False, shard=(1, 2))
     for name in ("unlearn", "features", "random"):
         assert set(m[name]) >= {"loss_increase", "clip_distance", "mse", "factors_changed", "per_query"}
         assert len(m[name]["per_query"]["loss_increase"]) == 2
@@ -216,8 +220,19 @@ def test_gold_standard_runs_end_to_end_and_resumes(tmp_path):
     pipe = load_pipeline("shapes")
     data = training_data(pipe, tmp_path / "gold" / "train")
     empty = encode_prompts(pipe, [""])[0]
+    # (bit for bit on the CPU; CUDA's default kernels are not deterministic, so there within a tolerance)
+    same = torch.equal if not torch.cuda.is_available() else lambda x, y: torch.allclose(x, y, atol=1e-5)
     a, b = train_small(data, empty, pipe.scheduler, cfg), train_small(data, empty, pipe.scheduler, cfg)
-    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert all(same(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    # a removed image cannot reach the retrained model: replacing its latent by noise changes no weight, while
+    # training on it (nothing removed) does
+    from dataclasses import replace
+    z = data.z.clone()
+    z[[0, 5]] = torch.randn_like(z[[0, 5]]) * 10
+    other = replace(data, z=z)
+    r1, r2 = (train_small(d, empty, pipe.scheduler, cfg, removed=[0, 5]) for d in (data, other))
+    assert all(same(x, y) for x, y in zip(r1.parameters(), r2.parameters()))
+    assert not all(same(x, y) for x, y in zip(a.parameters(), r1.parameters()))
 
 
 def test_gold_cli_refuses_bad_options(tmp_path):
@@ -225,6 +240,8 @@ def test_gold_cli_refuses_bad_options(tmp_path):
     assert r.exit_code == 2 and "unknown magic" in r.output
     r = _cli("attribute", "gold", "--out", tmp_path / "g", "--k", 10, "--n-train", 10)
     assert r.exit_code == 2 and "whole training set" in r.output
+    r = _cli("attribute", "gold", "--out", tmp_path / "g", "--shard", "3/3")
+    assert r.exit_code == 2 and "expected I/N" in r.output and not (tmp_path / "g").exists()
 
 
 def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):

@@ -23,6 +23,13 @@ def test_predict_x0_inverts_the_forward_process(kind):
     x_t = diffusion.add_noise(s, x0, eps, t)
     out = diffusion.target(s, x0, eps, t)   # what a perfect network would say
     assert torch.allclose(diffusion.predict_x0(s, x_t, out, t), x0, atol=1e-3)
+    # the same numbers as diffusers' own add_noise / get_velocity, bit for bit, without their side effect of
+    # moving the scheduler's alphas_cumprod (a CUDA-trained model then could not step the scheduler on the CPU)
+    assert torch.equal(x_t, s.add_noise(x0, eps, t))
+    assert torch.equal(out, eps if kind == "epsilon" else s.get_velocity(x0, eps, t))
+    diffusion.add_noise(s, x0.to("meta"), eps.to("meta"), t)   # "meta" stands in for cuda here
+    diffusion.target(s, x0.to("meta"), eps.to("meta"), t)
+    assert s.alphas_cumprod.device.type == "cpu"
 
 
 class _Perfect(torch.nn.Module):

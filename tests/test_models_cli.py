@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -97,7 +98,8 @@ def test_judge_bad_folders(tmp_path):
 def test_real_entry_point_unknown_model_exit_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "difflab.cli", "generate", "--model", "not-a-model-anywhere",
                         "--prompt", "a star", "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                            **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}})
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().startswith("difflab: error: unknown model 'not-a-model-anywhere'")
     assert len(p.stderr.strip().splitlines()) == 1

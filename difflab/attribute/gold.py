@@ -47,6 +47,11 @@ class GoldConfig:
     channels: tuple[int, ...] = (32, 32, 32)
     caption_dropout: float = 0.1  # for classifier-free guidance when the queries are generated
     seed: int = 0
+    # how a retraining leaves the removed images out: "mask" keeps the base run's batches, noise and timesteps and
+    # zeroes the removed images' loss terms (the batch mean keeps its denominator, so every other image's gradient
+    # is the base run's); "skip" drops them from the order, so every later batch differs (the paper's literal
+    # reading, whose trajectory noise swamped the effect in session 4: docs/BENCHMARKS.md)
+    order: str = "mask"
     eval_stride: int = 5          # ΔL timesteps 0, 5, ..., 995 (the paper's stride)
     methods: tuple[str, ...] = ("unlearn", "features", "random")
     encoder: str = "shapes-clip"  # the feature method's encoder
@@ -64,7 +69,7 @@ def small_unet(cfg: GoldConfig):
 
 def training_order(n: int, keep: np.ndarray, count: int, seed: int) -> np.ndarray:
     """The indices the training loop visits: epoch permutations of all n images with the removed ones skipped,
-    so the remaining images keep their relative order (the paper's "same seed and order")."""
+    so the remaining images keep their relative order (order "skip"; with nothing removed, also "mask")."""
     rng, out, total = np.random.default_rng(seed), [], 0
     while total < count:
         perm = rng.permutation(n)
@@ -77,21 +82,25 @@ def training_order(n: int, keep: np.ndarray, count: int, seed: int) -> np.ndarra
 def train_small(data: TrainingData, empty: torch.Tensor, scheduler, cfg: GoldConfig, removed=(), progress: bool = False):
     """A small UNet trained from scratch on `data` without the `removed` indices; deterministic in cfg.seed.
     `empty` is the empty caption's embedding (caption dropout), `scheduler` the one the model trains with."""
+    if cfg.order not in ("mask", "skip"):
+        raise ValueError(f"GoldConfig.order must be 'mask' or 'skip', not {cfg.order!r}")
     unet = small_unet(cfg)
     keep = np.ones(len(data), bool)
     keep[list(removed)] = False
-    order = torch.from_numpy(training_order(len(data), keep, cfg.steps * cfg.batch, cfg.seed))
+    visit = keep if cfg.order == "skip" else np.ones(len(data), bool)
+    order = torch.from_numpy(training_order(len(data), visit, cfg.steps * cfg.batch, cfg.seed))
+    kept = torch.from_numpy(keep)
 
     def batch_fn(i):
         idx = order[i * cfg.batch:(i + 1) * cfg.batch]
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
         c = data.c[idx].clone()
         c[torch.rand(len(idx), generator=g) < cfg.caption_dropout] = empty
-        return data.z[idx], c, g
+        return data.z[idx], c, kept[idx].float(), g
 
     def loss_fn(b):
-        z, c, g = b
-        return diffusion_loss(unet, scheduler, z, c, generator=g), {}
+        z, c, w, g = b   # the noise and timesteps of all len(idx) images are drawn, kept or not
+        return (diffusion_loss(unet, scheduler, z, c, generator=g, reduction="none") * w).sum() / len(w), {}
 
     tc = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=min(50, cfg.steps // 10), lr_schedule="cosine",
                      weight_decay=0.0, seed=cfg.seed, desc="train", progress=progress, log_every=max(1, cfg.steps))
@@ -172,8 +181,14 @@ def rank_training_set(method: str, q: int, pipe, data: TrainingData, zq, cq, que
     return scores.topk(cfg.k).indices.tolist()
 
 
-def gold_standard(out: str | Path, cfg: GoldConfig | None = None, progress: bool = True) -> dict:
-    """Run the whole counterfactual test into `out` (resumable) and return the metrics (also metrics.json)."""
+def gold_standard(out: str | Path, cfg: GoldConfig | None = None, progress: bool = True,
+                  shard: tuple[int, int] = (0, 1)) -> dict:
+    """Run the whole counterfactual test into `out` (resumable) and return the metrics (also metrics.json).
+
+    `shard=(i, n)` retrains only every n-th (query, method) job from the i-th: n processes (or machines sharing
+    `out`) split the retrainings, each after the same base model and rankings (computed by whichever comes first:
+    both are deterministic). A shard that finishes before the others returns {"pending": [missing jobs]}; the last
+    one to finish, or any later run, writes metrics.json."""
     from diffusers import UNet2DConditionModel
     from tqdm.auto import tqdm
 
@@ -226,8 +241,10 @@ def gold_standard(out: str | Path, cfg: GoldConfig | None = None, progress: bool
 
     rdir = out / "retrain"
     rdir.mkdir(exist_ok=True)
-    jobs = [(m, q) for m in cfg.methods for q in range(len(queries))]
-    for m, q in tqdm(jobs, desc="retrain", disable=not progress):
+    # query-major, so that a partial run (or the first jobs of every shard) covers every method
+    jobs = [(m, q) for q in range(len(queries)) for m in cfg.methods]
+    i, n = shard
+    for m, q in tqdm(jobs[i::n], desc="retrain", disable=not progress):
         path = rdir / f"{m}-{q}.json"
         if path.exists():
             continue
@@ -239,6 +256,9 @@ def gold_standard(out: str | Path, cfg: GoldConfig | None = None, progress: bool
         d = _image_distances([q_images[q]], [regen])
         atomic_write_json(path, {"loss_increase": float(loss - loss0[q]), **{k: v[0] for k, v in d.items()}})
 
+    pending = [f"{m}-{q}" for m, q in jobs if not (rdir / f"{m}-{q}.json").exists()]
+    if pending:
+        return {"pending": pending}
     metrics = {}
     for m in cfg.methods:
         rows = [json.loads((rdir / f"{m}-{q}.json").read_text()) for q in range(len(queries))]

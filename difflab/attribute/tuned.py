@@ -151,9 +151,9 @@ def calibrate(heads: Heads, synth, synth_group, exemplars, exemplar_group, distr
         return int(rng.integers(len(synth))), torch.from_numpy(rng.integers(0, len(dis), cfg.negatives))
 
     def loss_fn(b):
-        q, neg = b
+        q, neg = b   # (neg arrives on the training device; the features stay where they are)
         own = ex[exemplar_group == synth_group[q]]
-        s = a[q] @ torch.cat([own, dis[neg]]).T
+        s = (a[q] @ torch.cat([own, dis[neg.to(dis.device)]]).T).to(heads.inv_tau.device)
         t = _trunc(s, heads.inv_tau, heads.bias, smooth=True)
         return torch.log(t.sum()) - torch.log(t[:len(own)]).mean(), {}
 

@@ -80,10 +80,15 @@ def attribute_benchmark(out, models, extra_train_models, synth, distractors, cus
 @click.option("--k", "k", type=click.IntRange(1), default=15, show_default=True, help="Training images removed per method and query.")
 @click.option("--n-train", type=click.IntRange(2), default=300, show_default=True, help="Training set size of the small model.")
 @click.option("--steps", type=click.IntRange(1), default=600, show_default=True, help="Small-model training steps.")
+@click.option("--batch", type=click.IntRange(1), default=32, show_default=True, help="Small-model batch size.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Small-model learning rate (cosine schedule).")
 @click.option("--methods", default="unlearn,features,random", show_default=True,
               help="Comma-separated: unlearn, features, tuned (needs --heads), random.")
 @click.option("--heads", type=click.Path(path_type=Path), default=None, help="tuned: a heads/ folder.")
-def attribute_gold(out, queries, k, n_train, steps, methods, heads):
+@click.option("--shard", default="0/1", show_default=True,
+              help="I/N: retrain only every N-th job from the I-th, so N processes or machines sharing OUT split the "
+                   "work; the last to finish writes metrics.json.")
+def attribute_gold(out, queries, k, n_train, steps, batch, lr, methods, heads, shard):
     """The counterfactual gold standard: for each query of a small shapes model, retrain from scratch without
     each method's top K and measure the query's loss increase and how far its regenerated image moves.
     metrics.json: {"unlearn": {"loss_increase", "clip_distance", ...}, "features": {...}, "random": {...}}."""
@@ -97,6 +102,12 @@ def attribute_gold(out, queries, k, n_train, steps, methods, heads):
         raise DifflabError("--methods tuned needs --heads DIR")
     if k >= n_train:
         raise DifflabError(f"--k {k} removes the whole training set (--n-train {n_train})")
-    cfg = GoldConfig(queries=queries, k=k, n_train=n_train, steps=steps, methods=chosen,
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise DifflabError(f"--shard {shard!r}: expected I/N with 0 <= I < N, e.g. 0/4") from None
+    cfg = GoldConfig(queries=queries, k=k, n_train=n_train, steps=steps, batch=batch, lr=lr, methods=chosen,
                      tuned=str(heads) if heads else None)
-    click.echo(json.dumps({m: v for m, v in gold_standard(out, cfg).items() if m != "query_loss_base"}, indent=2))
+    m = gold_standard(out, cfg, shard=(i, n))
+    click.echo(json.dumps({k: v for k, v in m.items() if k != "query_loss_base"}, indent=2))

@@ -16,9 +16,18 @@ def sample_timesteps(scheduler, batch: int, generator: torch.Generator | None = 
     return torch.randint(t_min, t_max, (batch,), generator=generator, device="cpu").to(device)
 
 
+def _abar(scheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """abar_t shaped to broadcast over `like`. Read from the scheduler without calling its add_noise/get_velocity:
+    those move the scheduler's alphas_cumprod to the samples' device as a side effect, after which the same
+    scheduler fails to step a pipeline on another device (a CUDA-trained model generating on the CPU)."""
+    a = scheduler.alphas_cumprod.to(device=like.device, dtype=like.dtype)[t.to(like.device)]
+    return a.view(-1, *([1] * (like.ndim - 1)))
+
+
 def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM eq. 4)."""
-    return scheduler.add_noise(x0, noise, t)
+    abar = _abar(scheduler, t, x0)
+    return abar ** 0.5 * x0 + (1 - abar) ** 0.5 * noise
 
 
 def target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -27,13 +36,9 @@ def target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) ->
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
+        abar = _abar(scheduler, t, x0)
+        return abar ** 0.5 * noise - (1 - abar) ** 0.5 * x0
     raise ValueError(f"unsupported prediction_type {kind!r}")
-
-
-def _abar(scheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    a = scheduler.alphas_cumprod.to(like.device)[t.to(like.device)].to(like.dtype)
-    return a.view(-1, *([1] * (like.ndim - 1)))
 
 
 def predict_x0(scheduler, x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
