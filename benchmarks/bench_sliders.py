@@ -1,7 +1,8 @@
 """difflab.sliders on the shapes model, judged by the oracle on seeds no training used.
 
     python benchmarks/bench_sliders.py [--threads 2] [--out bench-sliders] [--steps 600] [--text-steps 500]
-        [--feature-point final|x0] [--skip-discover] [--skip-text]
+        [--feature-point final|x0] [--skip-discover] [--skip-text] [--skip-text-training] [--text-eta 2]
+        [--starts 0,3,4,5,6]
 
 1. SliderSpace: 8 sliders for "a shape" (wall-clock time and per-step cost); for each slider the factor whose
    oracle distribution moves most between scale -2 and +2, and the share of 32 seeds where it changes.
@@ -9,7 +10,9 @@
    (2 sliders per image, scales ~ U[-2, 2]), same seeds: diversity of oracle factor vectors (mean pairwise
    Hamming distance) and of shapes-CLIP embeddings (mean pairwise cosine distance), and the share of images
    whose shape the oracle recognises (softmax > 0.5).
-3. Concept Slider "a small shape" -> "a large shape": the oracle's size level per scale -2..2.
+3. Concept Slider "a small shape" -> "a large shape": the oracle's size level per scale -2..2, on "a shape" and
+   on 8 prompts that name a shape and a colour (NAMED_PROMPTS), with the slider applied from each denoising step
+   of --starts: chosen on seeds 20,000 (32 images), then measured on seeds 30,000 (64 images).
 Prints markdown tables; writes OUT/results.json.
 """
 import argparse
@@ -41,33 +44,19 @@ def diverse_vs_base(run: Path, n: int = 64, seed: int = 30_000, k: int = 2, scal
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("bench-sliders"))
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--text-steps", type=int, default=500)
-    ap.add_argument("--feature-point", default="final")
-    ap.add_argument("--skip-discover", action="store_true")
-    ap.add_argument("--skip-text", action="store_true")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    a.out.mkdir(parents=True, exist_ok=True)
-    run = a.out / f"space-{a.feature_point}"
-    res = {}
-    if not a.skip_discover:
-        t = time.time()
-        discover("shapes", "a shape", run, DiscoverConfig(steps=a.steps, feature_point=a.feature_point, progress=False))
-        res["discover_wall_seconds"] = time.time() - t
-    m = json.loads((run / "metrics.json").read_text())
-    res["discover"] = m
-    res["diverse"] = diverse_vs_base(run)
-    if not a.skip_text:
-        res["text"] = train_text_slider("shapes", "a shape", "a large shape", "a small shape", a.out / "size",
-                                        cfg=TextSliderConfig(steps=a.text_steps, progress=False))
-    (a.out / "results.json").write_text(json.dumps(res, indent=2))
+def text_slider_starts(folder: Path, starts: list[int]) -> dict:
+    """The size slider on NAMED_PROMPTS from each start step: on the selection seeds, and on fresh ones."""
+    from difflab.sliders.text import NAMED_PROMPTS, measure_ordinal
+    pipe, oracle = load_pipeline("shapes"), load_oracle()
+    names, _ = load_sliders(pipe, [str(folder)])
+    return {split: {st: measure_ordinal(pipe, names[0], NAMED_PROMPTS, seed=seed, n=n, oracle=oracle, start=st)
+                    for st in starts}
+            for split, seed, n in (("select", 20_000, 32), ("confirm", 30_000, 64))}
 
-    print(f"SliderSpace, {m['num_sliders']} sliders, feature point {a.feature_point}: "
+
+def discover_tables(res: dict, feature_point: str) -> None:
+    m = res["discover"]
+    print(f"SliderSpace, {m['num_sliders']} sliders, feature point {feature_point}: "
           f"{m['seconds_total']:.0f} s in all (sampling + PCA {m['seconds_sampling_pca']:.0f} s, training "
           f"{m['seconds_training']:.0f} s = {m['seconds_per_step']:.2f} s/step), final alignment cos "
           f"{m['final_alignment_cos']:.3f}")
@@ -81,6 +70,50 @@ def main():
     for k in ("base", "diverse"):
         print(f"| {k} | {d[k]['factor_diversity']:.3f} | {d[k]['clip_diversity']:.4f} | {d[k]['recognised']:.3f} |")
     print(f"| ratio | {d['factor_ratio']:.2f}x | {d['clip_ratio']:.2f}x | |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("bench-sliders"))
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--text-steps", type=int, default=500)
+    ap.add_argument("--feature-point", default="final")
+    ap.add_argument("--skip-discover", action="store_true")
+    ap.add_argument("--skip-text", action="store_true")
+    ap.add_argument("--skip-text-training", action="store_true", help="measure OUT/size as it is")
+    ap.add_argument("--text-eta", type=float, default=TextSliderConfig.eta)
+    ap.add_argument("--starts", default="0,3,4,5,6", help="slider start steps (of 25) to measure the text slider at")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    run = a.out / f"space-{a.feature_point}"
+    res = {}
+    if not a.skip_discover:
+        t = time.time()
+        discover("shapes", "a shape", run, DiscoverConfig(steps=a.steps, feature_point=a.feature_point, progress=False))
+        res["discover_wall_seconds"] = time.time() - t
+    if (run / "metrics.json").exists():   # (with --skip-discover, an earlier run's)
+        res["discover"] = json.loads((run / "metrics.json").read_text())
+        res["diverse"] = diverse_vs_base(run)
+    if not a.skip_text:
+        if not a.skip_text_training:
+            res["text"] = train_text_slider("shapes", "a shape", "a large shape", "a small shape", a.out / "size",
+                                            cfg=TextSliderConfig(steps=a.text_steps, eta=a.text_eta, progress=False))
+        res["text_starts"] = text_slider_starts(a.out / "size", [int(x) for x in a.starts.split(",")])
+    (a.out / "results.json").write_text(json.dumps(res, indent=2))
+
+    if "discover" in res:
+        discover_tables(res, a.feature_point)
+    if "text_starts" in res:
+        print("\n| text slider on named prompts | start | size by scale -2..+2 | monotone | +2 larger than -2 | "
+              "shape and color as at 0, every scale | per scale | as prompted, per scale |\n|---|---|---|---|---|---|---|---|")
+        for split, rows in res["text_starts"].items():
+            for st, r in rows.items():
+                print(f"| {split} ({r['n']}) | {st} | {list(r['size_mean_by_scale'].values())} | {r['size_monotone']} | "
+                      f"{r['size_top_gt_bottom']:.3f} | {r['shape_color_unchanged']:.3f} | "
+                      f"{list(r['shape_color_unchanged_by_scale'].values())} | "
+                      f"{list(r['shape_color_as_prompted_by_scale'].values())} |")
     if "text" in res:
         t = res["text"]
         print(f"\ntext slider small -> large ({t['seconds_training']:.0f} s): size level by scale {t['size_mean_by_scale']}, "

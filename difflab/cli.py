@@ -228,7 +228,10 @@ def customize(model, images, tokens, class_prompts, concepts_file, captions, ste
 @click.option("--model", default="shapes", show_default=True, help="The base the runs were trained on.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def merge(runs, model, out):
-    """Merge Custom Diffusion runs trained separately, in closed form (tokens become <new1>, <new2>, ...)."""
+    """Merge Custom Diffusion runs trained separately, in closed form (tokens become <new1>, <new2>, ...).
+
+    K/V are solved by the paper's eq. 4; at most one run may have trained all of cross-attention (--params xattn):
+    its q/out are used as trained. Only the changed weights are saved."""
     from difflab.customize import merge_runs
     if len(runs) < 2:
         raise DifflabError("merge needs at least two runs")

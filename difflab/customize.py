@@ -442,6 +442,16 @@ def merge(pipe, runs: list[Path], reg_prompts: list[str], reg_padding: bool = Tr
         raise DifflabError(f"cannot merge runs made on different base models: {sorted(map(str, bases))}")
     loaded = [read_weights(Path(r)) for r in runs]
     names = sorted(set().union(*(set(s) for s, _ in loaded)))
+    # eq. 4 constrains what K/V make of text features; queries and the output projection see image features, so
+    # two runs' q/out changes have no closed-form merge (the paper merges K/V only; adding both runs' changes was
+    # measured: heart 1.00 -> 0.47, moon 0.94 -> 0.59, docs/BENCHMARKS.md). One run's q/out (--params xattn)
+    # beside K/V runs conflicts with nothing: it is taken as trained, and K/V are merged as usual.
+    kv = [n for n in names if ".to_k." in n or ".to_v." in n]
+    own = {n: [i for i, (st, _) in enumerate(loaded) if n in st] for n in names if n not in kv}
+    shared = [n for n, owners in own.items() if len(owners) > 1]
+    if shared:
+        raise DifflabError(f"cannot merge: {len(own[shared[0]])} runs trained more than cross-attention K/V "
+                           f"({shared[0]}, ...); at most one run may use --params xattn, or train the concepts jointly")
     base = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if n in names}
     if len(base) != len(names):
         raise DifflabError("the runs were made for another model: some of their layers are not in this UNet")
@@ -475,13 +485,16 @@ def merge(pipe, runs: list[Path], reg_prompts: list[str], reg_padding: bool = Tr
     residual = 0.0
     params = dict(pipe.unet.named_parameters())
     with torch.no_grad():
-        for n in names:
+        for n, (i,) in own.items():
+            params[n].copy_(loaded[i][0][n].to(params[n]))
+        for n in kv:
             W0 = base[n].cpu().double()
             V = torch.stack([loaded[o][0][n].double() @ c.double() for o, c in zip(owner, C_tgt)])
             W = merge_matrix(W0, C_reg, C_tgt, V)
             residual = max(residual, float((W.double() @ C_tgt.double().T - V.T).abs().max() / V.abs().max()))
             params[n].copy_(W.to(params[n]))
-    return tokens, {"constraint_residual": residual, "constraints": len(keep), "merged_layers": len(names), "reg_rows": len(C_reg)}
+    return tokens, {"constraint_residual": residual, "constraints": len(keep), "merged_layers": len(kv),
+                    "taken_layers": len(own), "reg_rows": len(C_reg)}
 
 
 # --- runs: train / merge into a folder, measured on the shapes world -----------------------------------------
@@ -568,7 +581,7 @@ def merge_runs(model, runs: list[Path], out: Path, reg_prompts: list[str] | None
     tokens, info = merge(pipe, runs, reg_prompts)
     cfgs = [json.loads((Path(r) / CONFIG_NAME).read_text()) for r in runs]
     with output_folder(Path(out)) as tmp:
-        save_weights(pipe, tmp, tokens, cfgs[0].get("params", "xattn_kv"), base=str(model),
+        save_weights(pipe, tmp, tokens, "xattn" if info["taken_layers"] else "xattn_kv", base=str(model),
                      extra={"class_prompt": cfgs[0].get("class_prompt"), "merged_from": [str(r) for r in runs]})
         values = [concept_value(Concept(**c["concepts"][0])) if c.get("concepts") else None for c in cfgs]
         if (evaluate if evaluate is not None else str(model) == "shapes") and all(values):

@@ -225,7 +225,8 @@ def sliders_section(folder: Path, steps: int, pipe, seed: int = 0, num: int = 6)
             + f"<img style='width:auto;height:auto' src='{report.data_uri(Image.open(folder / 'size' / 'strip.png'))}'>")
     metrics = {"sliders_distinct_dominant_factors": dm["distinct_dominant_factors"],
                "sliders_min_changed": dm["min_changed"], "size_slider_top_gt_bottom": tm["size_top_gt_bottom"],
-               "size_slider_shape_color_unchanged": tm["shape_color_unchanged"]}
+               "size_slider_shape_color_unchanged": tm["shape_color_unchanged"],
+               "size_slider_named_shape_color_unchanged": tm["named_shape_color_unchanged"]}
     return body, metrics
 
 

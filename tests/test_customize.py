@@ -128,9 +128,28 @@ def test_merge_two_runs(tiny_pipeline_dir, tmp_path):
     assert tokens == ["<new1>", "<new2>"] and info["constraint_residual"] < 1e-4
     with pytest.raises(DifflabError, match="different base"):
         import json
-        cfg = json.loads((runs[1] / "adapter_config.json").read_text())
-        (runs[1] / "adapter_config.json").write_text(json.dumps({**cfg, "base": "other"}))
+        cfg_json = json.loads((runs[1] / "adapter_config.json").read_text())
+        (runs[1] / "adapter_config.json").write_text(json.dumps({**cfg_json, "base": "other"}))
         merge(_pipe(tiny_pipeline_dir), runs, ["a shape"])
+    # one run that trained all of cross-attention: its q/out are taken as trained, K/V merged; two such runs
+    # have no closed-form merge and are refused
+    pipe = _pipe(tiny_pipeline_dir)
+    cfg = CustomizeConfig(steps=3, lr=1e-2, batch_size=2, num_class_images=4, class_steps=2, progress=False,
+                          params="xattn")
+    train_concepts(pipe, [Concept(str(_images(tmp_path / "x", "moons", "moon")), "<new1>")], cfg, tmp_path / "x" / "w")
+    for name in ("run-x", "run-y"):
+        (tmp_path / name).mkdir()
+        save_weights(pipe, tmp_path / name, ["<new1>"], "xattn", base="tiny", extra={"class_prompt": "a shape"})
+    trained_q = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if "attn2.to_q" in n}
+    merged = _pipe(tiny_pipeline_dir)
+    base_q = {n: p.detach().clone() for n, p in merged.unet.named_parameters() if "attn2.to_q" in n}
+    _, info = merge(merged, [runs[0], tmp_path / "run-x"], ["a red star", "a blue circle"] * 4)
+    assert info["taken_layers"] > 0 and info["constraint_residual"] < 1e-4
+    for n, p in merged.unet.named_parameters():
+        if n in trained_q:
+            assert torch.equal(p, trained_q[n]) and not torch.equal(p, base_q[n])
+    with pytest.raises(DifflabError, match="runs trained more than cross-attention K/V"):
+        merge(_pipe(tiny_pipeline_dir), [tmp_path / "run-x", tmp_path / "run-y"], ["a shape"])
 
 
 def test_customize_cli_run_folder_and_adapter(tiny_pipeline_dir, tmp_path):

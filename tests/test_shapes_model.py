@@ -92,6 +92,7 @@ def test_tour_writes_report_and_metrics(tmp_path):
     assert (tmp_path / "t" / "generated" / "color_shape" / "judge.json").exists()
     assert "Customize and erase" in html and 0 <= m["edit_new1_rate"] <= 1 and "edit_target_rate_after" in m
     assert "Sliders" in html and "sliders_distinct_dominant_factors" in m
+    assert 0 <= m["size_slider_named_shape_color_unchanged"] <= 1
     assert "Detection" in html and 0 <= m["detect_iou"] <= 1 and "detect_ap_ddim25_after_ddim25" in m
     # the shipped tuned DreamSim beside the untuned embedding on the tour's 200 triplets
     assert m["similarity_2afc_dreamsim_tuned"] >= m["similarity_2afc_shapes_clip_untuned"] + 0.10, m

@@ -77,9 +77,13 @@ def attribute_benchmark(out, models, extra_train_models, synth, distractors, cus
 @attribute.command("gold")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder (resumable).")
 @click.option("--queries", type=click.IntRange(1), default=8, show_default=True)
-@click.option("--k", "k", type=click.IntRange(1), default=15, show_default=True, help="Training images removed per method and query.")
-@click.option("--n-train", type=click.IntRange(2), default=300, show_default=True, help="Training set size of the small model.")
-@click.option("--steps", type=click.IntRange(1), default=600, show_default=True, help="Small-model training steps.")
+# (the defaults are GoldConfig's, written out: the CLI imports no torch before a command runs)
+@click.option("--k", "k", type=click.IntRange(1), default=5, show_default=True,
+              help="Training images removed per method and query.")
+@click.option("--n-train", type=click.IntRange(2), default=100, show_default=True,
+              help="Training set size of the small model.")
+@click.option("--steps", type=click.IntRange(1), default=900, show_default=True,
+              help="Small-model training steps.")
 @click.option("--batch", type=click.IntRange(1), default=32, show_default=True, help="Small-model batch size.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Small-model learning rate (cosine schedule).")
 @click.option("--methods", default="unlearn,features,random", show_default=True,

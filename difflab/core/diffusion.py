@@ -6,7 +6,6 @@ Notation follows DDPM/DDIM: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps. The n
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def sample_timesteps(scheduler, batch: int, generator: torch.Generator | None = None,
