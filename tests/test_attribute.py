@@ -1,5 +1,6 @@
 """difflab.attribute: feature ranking and its cache, tuned heads, unlearning (AbU), the benchmarks and the CLI."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -212,6 +213,8 @@ def test_gold_standard_runs_end_to_end_and_resumes(tmp_path):
     m2 = gold_standard(tmp_path / "gold", cfg, progress=False)   # resumes: nothing retrained
     assert (tmp_path / "gold" / "retrain" / "unlearn-0.json").stat().st_mtime_ns == stamp
     assert m2["unlearn"]["loss_increase"] == m["unlearn"]["loss_increase"]
+    with pytest.raises(DifflabError, match=r"other settings \(k\)"):   # a resume with other settings is refused
+        gold_standard(tmp_path / "gold", replace(cfg, k=2), progress=False)
     # removing nothing retrains the very same model: the counterfactual is exact up to the removal
     from difflab.attribute.gold import train_small
     from difflab.attribute.unlearn import training_data
@@ -226,7 +229,6 @@ def test_gold_standard_runs_end_to_end_and_resumes(tmp_path):
     assert all(same(x, y) for x, y in zip(a.parameters(), b.parameters()))
     # a removed image cannot reach the retrained model: replacing its latent by noise changes no weight, while
     # training on it (nothing removed) does
-    from dataclasses import replace
     z = data.z.clone()
     z[[0, 5]] = torch.randn_like(z[[0, 5]]) * 10
     other = replace(data, z=z)

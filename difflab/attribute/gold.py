@@ -28,6 +28,7 @@ from difflab.attribute.unlearn import (TrainingData, UnlearnConfig, attribute_by
 from difflab.core.diffusion import diffusion_loss
 from difflab.core.runs import atomic_write_json, write_metrics
 from difflab.core.trainer import TrainConfig, train
+from difflab.errors import DifflabError
 
 METHODS = ("unlearn", "features", "tuned", "random")
 
@@ -201,7 +202,14 @@ def gold_standard(out: str | Path, cfg: GoldConfig | None = None, progress: bool
     cfg = cfg or GoldConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", asdict(cfg))
+    settings = json.loads(json.dumps(asdict(cfg)))   # (tuples as JSON lists, to compare with the saved ones)
+    if (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text())
+        changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
+        if changed:
+            raise DifflabError(f"{out} was made with other settings ({', '.join(changed)}); "
+                               "resume it with the same ones or use a new folder")
+    atomic_write_json(out / "config.json", settings)
     t0 = time.time()
     queries = make_world(out, cfg)
     pipe = load_pipeline("shapes")

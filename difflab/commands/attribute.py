@@ -108,9 +108,10 @@ def attribute_gold(out, queries, k, n_train, steps, batch, lr, methods, heads, s
         raise DifflabError(f"--k {k} removes the whole training set (--n-train {n_train})")
     try:
         i, n = (int(x) for x in shard.split("/"))
-        assert 0 <= i < n
-    except (ValueError, AssertionError):
-        raise DifflabError(f"--shard {shard!r}: expected I/N with 0 <= I < N, e.g. 0/4") from None
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise DifflabError(f"--shard {shard!r}: expected I/N with 0 <= I < N, e.g. 0/4")
     cfg = GoldConfig(queries=queries, k=k, n_train=n_train, steps=steps, batch=batch, lr=lr, methods=chosen,
                      tuned=str(heads) if heads else None)
     m = gold_standard(out, cfg, shard=(i, n))
