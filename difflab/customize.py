@@ -115,7 +115,12 @@ def _only_rows(weight: torch.nn.Parameter, rows: list[int]):
     keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype)
     keep[rows] = 1
     on = {}   # the mask on the gradient's device, made once (train() may move the model after the hook is set)
-    return weight.register_hook(lambda g: g * on.setdefault(g.device, keep.to(g.device)))
+
+    def hook(g):
+        if g.device not in on:
+            on[g.device] = keep.to(g.device)
+        return g * on[g.device]
+    return weight.register_hook(hook)
 
 
 def detach_start_token(unet) -> list:
