@@ -136,8 +136,10 @@ def train_text_slider(model, target: str, positive: str, negative: str, out: str
               [f"{s:+g}" for s in SCALES]).save(tmp / "strip.png")
         metrics = {"seconds_training": t_train, "final_loss": hist["loss"][-1]}
         if str(model) == "shapes":
-            metrics.update(measure_ordinal(pipe, ADAPTER, target, seed=cfg.seed + 20_000))
-            named = measure_ordinal(pipe, ADAPTER, NAMED_PROMPTS, seed=cfg.seed + 20_000)
+            from difflab.models import load_oracle
+            oracle = load_oracle()
+            metrics.update(measure_ordinal(pipe, ADAPTER, target, seed=cfg.seed + 20_000, oracle=oracle))
+            named = measure_ordinal(pipe, ADAPTER, NAMED_PROMPTS, seed=cfg.seed + 20_000, oracle=oracle)
             metrics.update({f"named_{k}": v for k, v in named.items()})
         pipe.set_adapters([ADAPTER], [0.0])
         return write_metrics(tmp, metrics)
