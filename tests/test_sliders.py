@@ -64,12 +64,12 @@ def test_text_slider_scales_both_ways_and_diverse_mode(discover_run, tiny_pipeli
     r = CliRunner()
     res = r.invoke(main, ["sliders", "text", "--model", str(tiny_pipeline_dir), "--target", "a shape", "--positive",
                           "a large shape", "--negative", "a small shape", "--steps", "2", "--attributes", "red, blue",
-                          "--out", str(tmp_path / "ts")])
+                          "--nouns", "circle", "--out", str(tmp_path / "ts")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "ts" / "pytorch_lora_weights.safetensors").is_file() and (tmp_path / "ts" / "strip.png").is_file()
     meta = json.loads((tmp_path / "ts" / "slider_config.json").read_text())
     assert meta["rank"] == 4 and meta["alpha"] == 1 and meta["positive"] == "a large shape"
-    assert meta["attributes"] == ["red", "blue"]
+    assert meta["attributes"] == ["red", "blue"] and meta["nouns"] == ["circle"]
     args = ["generate", "--model", str(tiny_pipeline_dir), "--prompt", "a shape", "--steps", "3"]
     for name, spec in (("pos", ":2"), ("neg", ":-2"), ("zero", ":0")):
         assert r.invoke(main, args + ["--slider", f"{tmp_path / 'ts'}{spec}", "--out", str(tmp_path / name)]).exit_code == 0
@@ -128,6 +128,8 @@ def test_bad_input(discover_run, tiny_pipeline_dir, tmp_path):
 def test_measures():
     from difflab.sliders.text import with_attribute
     assert with_attribute("a large shape", "red") == "a large red shape" and with_attribute("a shape", "") == "a shape"
+    assert with_attribute("a large shape", "red", "circle") == "a large red circle"
+    assert with_attribute("a shape", "", "star") == "a star" and with_attribute("shape", "red") == "red shape"
     from difflab.sliders.evaluate import factor_diversity, random_compositions, tv_distance
     assert tv_distance(["a", "a", "b", "b"], ["a", "b", "b", "b"], ("a", "b")) == pytest.approx(0.25)
     f = {"shape": "star", "color": "red", "size": "small", "position": "center", "background": "white", "texture": "solid"}
@@ -135,3 +137,32 @@ def test_measures():
     assert factor_diversity([f, f, g]) == pytest.approx((0 + 2 + 2) / 3)
     w = random_compositions(50, 8, seed=0, k=2, max_scale=2.0)
     assert ((w != 0).sum(1) == 2).all() and np.abs(w).max() <= 2.0
+
+
+def test_measure_ordinal_draws_every_image_from_its_own_seed(monkeypatch):
+    import difflab.sliders.evaluate as ev
+    from difflab.sliders.text import measure_ordinal
+    seeds = []
+
+    def fake_generate_at(pipe, names, weights, prompt, n, seed, start=0, fixed=((), ())):
+        seeds.append((weights[0], prompt, list(range(seed, seed + n))))
+        return [(prompt, seed + i, weights[0]) for i in range(n)]
+
+    class Oracle:   # size follows the scale; seed 3 stays medium throughout; "a blue square" reads red at +2
+        def predict(self, items):
+            out = []
+            for prompt, seed, scale in items:
+                _, color, shape = prompt.split()
+                size = "medium" if seed == 3 or scale == 0 else ("large" if scale > 0 else "small")
+                out.append({"shape": shape, "color": "red" if scale == 2 and prompt == "a blue square" else color,
+                            "size": size})
+            return out
+
+    monkeypatch.setattr(ev, "generate_at", fake_generate_at)
+    r = measure_ordinal(None, "s", ["a red circle", "a blue square"], seed=0, n=8, scales=(-2.0, 0.0, 2.0),
+                        oracle=Oracle())
+    at_zero = [s for w, _, ss in seeds if w == 0.0 for s in ss]
+    assert sorted(at_zero) == list(range(8))          # 8 images, 8 different seeds (not 4 seeds twice)
+    assert r["n"] == 8 and r["size_top_gt_bottom"] == 7 / 8 and r["size_monotone"]
+    assert r["shape_color_unchanged"] == 0.5 and r["shape_color_unchanged_by_scale"]["+2"] == 0.5
+    assert r["shape_color_as_prompted_by_scale"] == {"-2": 1.0, "+0": 1.0, "+2": 0.5}

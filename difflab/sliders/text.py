@@ -5,7 +5,9 @@ pole towards the `positive` one, usable at positive and negative scales.
 
 eps* is the model with the LoRA on, eps the frozen model, c_t the target prompt, c_n the neutral one (default:
 the target), eta the guidance scale of the edit (action "erase": -eta). With a preservation set P (`attributes`), each step
-inserts one attribute p (or none) into all four prompts, so the edit is learnt at fixed p (paper eq. 8's sum). x_t comes as in the official code: a
+inserts one attribute p (or none) into all four prompts, so the edit is learnt at fixed p (paper eq. 8's sum); `nouns`
+extends the set along the subject: each step also puts one noun (or none) in place of all four prompts' last word
+("a large shape" -> "a large circle"), so the slider sees the subjects it must keep. x_t comes as in the official code: a
 partial DDIM rollout from noise with the LoRA on (classifier-free guidance 3, negative prompt as the
 unconditional), stopped at a random step, so training sees the states the slider itself produces. Trained at
 scale +1 only; negative scales extrapolate.
@@ -40,17 +42,18 @@ class TextSliderConfig:
     rollout_steps: int = 25       # official: 50-step DDIM, t_k ~ U{1..49}
     rollout_guidance: float = 3.0
     attributes: tuple[str, ...] = ()   # preservation set P: each step inserts one (or none) into all four prompts
+    nouns: tuple[str, ...] = ()        # and one (or none) replaces their last word (difflab's extension of P)
     seed: int = 0
     progress: bool = True
 
 
-def with_attribute(prompt: str, attribute: str) -> str:
-    """Insert an attribute before the prompt's last word ("a large shape", "red" -> "a large red shape"); the
-    official code prefixes it ("red, a large shape"), which reads worse to a small text encoder."""
-    if not attribute:
-        return prompt
+def with_attribute(prompt: str, attribute: str, noun: str = "") -> str:
+    """Insert an attribute before the prompt's last word ("a large shape", "red" -> "a large red shape") and, with
+    a noun, replace that word ("circle" -> "a large red circle"); the official code prefixes the attribute
+    ("red, a large shape"), which reads worse to a small text encoder."""
     head, _, last = prompt.rpartition(" ")
-    return f"{head} {attribute} {last}" if head else f"{attribute} {last}"
+    words = [w for w in (head, attribute, noun or last) if w]
+    return " ".join(words)
 
 
 @torch.no_grad()
@@ -87,9 +90,10 @@ def train_text_slider(model, target: str, positive: str, negative: str, out: str
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(cfg.rollout_steps)
     attrs = [""] + [a.strip() for a in cfg.attributes if a.strip()]
-    with torch.no_grad():   # per attribute: (c_t, c_+, c_-, c_n)
-        conds = [tuple(encode(pipe, [with_attribute(p, a)])[0] for p in (target, positive, negative, neutral))
-                 for a in attrs]
+    nouns = [""] + [a.strip() for a in cfg.nouns if a.strip()]
+    with torch.no_grad():   # per (attribute, noun): (c_t, c_+, c_-, c_n)
+        conds = [tuple(encode(pipe, [with_attribute(p, a, n)])[0] for p in (target, positive, negative, neutral))
+                 for a in attrs for n in nouns]
     sliders = add_sliders(unet, [ADAPTER], cfg.rank, cfg.alpha, cfg.targets, cfg.init, cfg.seed)
     trainable_flags(unet, sliders)
     eta = cfg.eta if cfg.action == "enhance" else -cfg.eta
@@ -98,7 +102,7 @@ def train_text_slider(model, target: str, positive: str, negative: str, out: str
     def batch_fn(step):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         k = int(torch.randint(1, cfg.rollout_steps, (1,), generator=g))
-        a = int(torch.randint(len(attrs), (1,), generator=g))
+        a = int(torch.randint(len(conds), (1,), generator=g))   # (one draw: with neither set, the same stream)
         return {"z": torch.randn(shape, generator=g) * sched.init_noise_sigma, "k": k, "a": a}
 
     def loss_fn(b):
@@ -125,7 +129,7 @@ def train_text_slider(model, target: str, positive: str, negative: str, out: str
         save_slider(pipe, ADAPTER, tmp, {"method": "concept-sliders-text", "target": target, "positive": positive,
                                          "negative": negative, "neutral": neutral, "eta": cfg.eta,
                                          "action": cfg.action, "base_model": str(model), "targets": cfg.targets,
-                                         "attributes": list(attrs[1:])})
+                                         "attributes": list(attrs[1:]), "nouns": list(nouns[1:])})
         atomic_write_json(tmp / "config.json", {"config": asdict(cfg), "model": str(model), "target": target,
                                                 "positive": positive, "negative": negative, "neutral": neutral})
         atomic_write_json(tmp / "history.json", hist)
@@ -156,7 +160,7 @@ def measure_ordinal(pipe, name: str, prompts, factor: str = "size", order=("smal
                     seed: int = 0, n: int = 32, scales=(-2.0, -1.0, 0.0, 1.0, 2.0), oracle=None,
                     start: int = 0) -> dict:
     """How an ordered factor (size by default) follows the slider's scale, by the oracle over n images (n divided
-    evenly among the prompts, seeds from `seed`; the slider applied from denoising step `start`): the mean level per
+    evenly among the prompts, seeds from `seed`, distinct for every image; the slider applied from denoising step `start`): the mean level per
     scale and whether it is
     monotone; the share of images whose level at the top scale exceeds the bottom one; the share whose shape and
     color are the same at every scale as at scale 0, and per scale; where every prompt names a shape and a color,
@@ -167,7 +171,10 @@ def measure_ordinal(pipe, name: str, prompts, factor: str = "size", order=("smal
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     per = max(1, n // len(prompts))
     oracle = oracle or load_oracle()
-    preds = [[y for p in prompts for y in oracle.predict(generate_at(pipe, [name], [s], p, per, seed, start))]
+    # each prompt its own seeds (prompt k: seed + k * per ...): the initial noise sets most of an image's layout and
+    # size, so prompts sharing seeds would make n images only `per` independent draws
+    preds = [[y for k, p in enumerate(prompts)
+              for y in oracle.predict(generate_at(pipe, [name], [s], p, per, seed + k * per, start))]
              for s in scales]
     n = len(preds[0])
     level = np.array([[order.index(p[factor]) for p in ps] for ps in preds])   # (scales, n)
