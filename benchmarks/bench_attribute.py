@@ -94,11 +94,15 @@ def abc(a):
     print(f"\n{m['queries']} test queries from {m['models']['test']} models ({m['models']['train']} models tuned the "
           f"heads); seconds {m['seconds']}\n")
     keys = ["map", "recall@5", "recall@10", "recall@100"]
-    _table(m, ("features", "tuned"), keys)
+    _table(m, ("features", "tuned", "oracle"), keys)
+    print("\nfidelity (share of test queries that show their concept, by the oracle):", m["fidelity"])
+    for kind, rows in m["by_kind"].items():
+        print(f"\n{kind} models only")
+        _table(rows, ("features", "tuned", "oracle"), keys)
     if "unlearn_subset" in m:
         u = m["unlearn_subset"]
         print(f"\nAbU subset: {u['queries']} queries; candidates: exemplars + {u['candidates']} distractors")
-        _table(u, ("features", "tuned", "unlearn"), keys)
+        _table(u, ("features", "tuned", "unlearn", "oracle"), keys)
 
 
 def gold(a):

@@ -244,6 +244,14 @@ def test_gold_cli_refuses_bad_options(tmp_path):
     assert r.exit_code == 2 and "whole training set" in r.output
     r = _cli("attribute", "gold", "--out", tmp_path / "g", "--shard", "3/3")
     assert r.exit_code == 2 and "expected I/N" in r.output and not (tmp_path / "g").exists()
+    # --query-seed reaches the run's settings: a folder made with the default seed refuses another one
+    from dataclasses import asdict
+
+    from difflab.attribute import GoldConfig
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "config.json").write_text(json.dumps(asdict(GoldConfig())))
+    r = _cli("attribute", "gold", "--out", tmp_path / "g", "--query-seed", 33000)
+    assert r.exit_code == 2 and "other settings (query_seed)" in r.output
 
 
 def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):
@@ -255,8 +263,11 @@ def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):
                           unlearn=UnlearnConfig(steps=1, grad_accum=1, batch=2, time_samples=2),
                           unlearn_queries=1, unlearn_distractors=10)
     m = run_benchmark(tmp_path / "abc", cfg, progress=False)
-    for name in ("features", "tuned", "unlearn"):
+    for name in ("features", "tuned", "unlearn", "oracle"):
         assert set(m[name]) == {"map", "recall@5", "recall@10", "recall@100"} and 0 < m[name]["map"] <= 1
+    # the test model (1) is a style model: its fidelity is a share of its 2 queries, and its row is the whole split
+    assert set(m["fidelity"]) == {"style"} and m["fidelity"]["style"] in (0.0, 0.5, 1.0)
+    assert m["by_kind"]["style"]["features"] == m["features"]
     assert m["models"] == {"train": 2, "test": 1} and m["queries"] == 2   # models 0 and 2 train, 1 tests
     # with 40 distractors + 1 exemplar, Recall@100 finds every exemplar
     assert m["features"]["recall@100"] == 1.0
@@ -268,3 +279,19 @@ def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):
     assert r.exit_code == 0, r.output
     top = json.loads((tmp_path / "rank" / "metrics.json").read_text())["top"]
     assert all(0 <= t["probability"] <= 1 for t in top)
+
+
+def test_benchmark_reference_reads_the_ground_truth():
+    from difflab.attribute.benchmark import fidelity, oracle_features
+    from difflab.world.draw import render
+    heart = {"shape": "heart", "color": "red", "size": "large", "position": "center", "background": "white",
+             "texture": "solid"}
+    circle, blue = {**heart, "shape": "circle"}, {**heart, "color": "blue"}
+    assert fidelity([render(heart), render(circle)], {"kind": "object", "exemplars": [heart]}) == 0.5
+    dotted = {**heart, "shape": "square", "texture": "dotted"}
+    # a style is its texture and colour: another shape keeps it, another colour does not
+    style = {"kind": "style", "exemplars": [dotted]}
+    assert fidelity([render({**dotted, "shape": "star"}), render({**dotted, "color": "blue"})], style) == 0.5
+    f = oracle_features([render(heart), render(heart), render(circle), render(blue)])
+    s = f @ f[0]
+    assert s[1] > 0.999 and s[2] < 0.95 and s[3] < 0.95

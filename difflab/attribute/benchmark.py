@@ -13,6 +13,13 @@ Two families, as the paper's object- and style-centric models:
 The first half of the models is the training split (it fits the tuned heads), the second half the test split.
 Distractors that are exact copies of an exemplar (the world is discrete: same six factors, same pixels) are
 left out of that model's candidates, since no method could tell them apart.
+
+Two measurements say how much of the ground truth a query carries, so that a method's score can be read against
+what is attainable: `fidelity`, the share of each family's queries in which the oracle sees the exemplars'
+held-out value (the object's shape; the style's texture and colour), and the `oracle` row, retrieval with the
+oracle's factor probabilities as the feature (a feature that reads every factor of the world exactly). The base
+training set draws held-out values too (it only never names them), so distractors share most factors with an
+exemplar, and a query that does not copy its exemplar's incidental factors cannot single it out.
 """
 from __future__ import annotations
 
@@ -127,6 +134,29 @@ def _features(folder: Path, encoder: str) -> torch.Tensor:
     return embed_images(load_folder_images(folder), encoder)
 
 
+@torch.no_grad()
+def oracle_features(images, oracle=None, batch_size: int = 500) -> torch.Tensor:
+    """The oracle's per-factor probabilities, concatenated and L2-normalised: the reference feature."""
+    from difflab.models import load_oracle
+    from difflab.world.oracle import to_tensor
+    oracle = (oracle or load_oracle()).eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        logits = oracle(to_tensor(images[i:i + batch_size]).to(oracle.device))
+        out.append(torch.cat([logits[f].softmax(-1) for f in sorted(logits)], 1).cpu())
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+
+def fidelity(synth_images, concept: dict, oracle=None) -> float:
+    """Share of a model's synthesized images that show its exemplars' held-out value, as the oracle reads them:
+    the shape for an object, the texture and colour for a style."""
+    from difflab.models import load_oracle
+    ex = concept["exemplars"][0]
+    keys = ("shape",) if concept["kind"] == "object" else ("texture", "color")
+    pred = (oracle or load_oracle()).predict(synth_images)
+    return float(np.mean([all(p[k] == ex[k] for k in keys) for p in pred]))
+
+
 def _split(cfg: BenchmarkConfig) -> tuple[list[int], list[int]]:
     n = cfg.models
     return list(range(n // 2)) + list(range(n, n + cfg.extra_train_models)), list(range(n // 2, n))
@@ -162,6 +192,14 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
         ex.append(_features(out / "models" / f"{j:02d}" / "exemplars", cfg.encoder))
         syn.append(_features(out / "models" / f"{j:02d}" / "synth", cfg.encoder))
     train_ids, test_ids = _split(cfg)
+    # the reference: the oracle's factor readings of the test split, and how often a query shows its concept
+    from difflab.core.data import load_folder_images
+    from difflab.models import load_oracle
+    oracle = load_oracle()
+    ref = {j: {part: oracle_features(load_folder_images(out / "models" / f"{j:02d}" / part), oracle)
+               for part in ("exemplars", "synth")} for j in test_ids}
+    dis_oracle = oracle_features(load_folder_images(out / "distractors"), oracle)
+    fid = {j: fidelity(load_folder_images(out / "models" / f"{j:02d}" / "synth"), cons[j], oracle) for j in test_ids}
 
     def group(ids, feats):
         return torch.cat([feats[j] for j in ids]), torch.cat([torch.full((len(feats[j]),), j) for j in ids])
@@ -184,18 +222,25 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
 
     @torch.no_grad()
     def feature_scores(j: int, q: int, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Query q of model j against the kept distractors, then its model's exemplars: untuned and tuned."""
+        """Query q of model j against the kept distractors, then its model's exemplars: untuned, tuned, and the
+        oracle's factor readings (the reference)."""
         return {"features": torch.cat([dis_feats[keep], ex[j]]) @ syn[j][q],
-                "tuned": torch.cat([real_dis[keep], heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0]}
+                "tuned": torch.cat([real_dis[keep], heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0],
+                "oracle": torch.cat([dis_oracle[keep], ref[j]["exemplars"]]) @ ref[j]["synth"][q]}
 
-    per = {"features": [], "tuned": []}
+    per = {"features": [], "tuned": [], "oracle": []}
     for j in test_ids:
         keep = candidates(j)
         for q in range(len(syn[j])):
             for name, scores in feature_scores(j, q, keep).items():
                 per[name].append({"model": j, "query": q, **rank_metrics(scores, len(ex[j]))})
-    metrics = {m: _mean([{k: v for k, v in r.items() if k not in ("model", "query")} for r in rows])
-               for m, rows in per.items()}
+    scores_only = lambda r: {k: v for k, v in r.items() if k not in ("model", "query")}
+    metrics = {m: _mean([scores_only(r) for r in rows]) for m, rows in per.items()}
+    metrics["fidelity"] = {kind: float(np.mean([fid[j] for j in test_ids if cons[j]["kind"] == kind]))
+                           for kind in ("object", "style") if any(cons[j]["kind"] == kind for j in test_ids)}
+    metrics["by_kind"] = {kind: {m: _mean([scores_only(r) for r in rows if cons[r["model"]]["kind"] == kind])
+                                 for m, rows in per.items()}
+                          for kind in metrics["fidelity"]}
     metrics["models"] = {"train": len(train_ids), "test": len(test_ids)}
     metrics["queries"] = len(per["features"])
     if cfg.unlearn_queries:
@@ -226,7 +271,7 @@ def unlearn_eval(out: Path, cfg: BenchmarkConfig, test_ids, n_exemplars: list[in
     dis = TrainingData(full.z[:n], full.c[:n], full.files[:n])
     fisher = cached_fisher(base.unet, base.scheduler, TrainingData(dis.z, dis.c, dis.files, out / "distractors"),
                            cfg.unlearn, progress=progress)
-    rows = {"unlearn": [], "features": [], "tuned": []}
+    rows = {"unlearn": [], "features": [], "tuned": [], "oracle": []}
     for j in test_ids:
         pipe = load_pipeline("shapes")
         apply_weights(pipe, out / "models" / f"{j:02d}" / "weights")

@@ -89,10 +89,13 @@ def attribute_benchmark(out, models, extra_train_models, synth, distractors, cus
 @click.option("--methods", default="unlearn,features,random", show_default=True,
               help="Comma-separated: unlearn, features, tuned (needs --heads), random.")
 @click.option("--heads", type=click.Path(path_type=Path), default=None, help="tuned: a heads/ folder.")
+@click.option("--query-seed", type=int, default=32_000, show_default=True,
+              help="Seed of the queries' prompts and generation: another seed gives an independent set of queries "
+                   "on the same training set and base model.")
 @click.option("--shard", default="0/1", show_default=True,
               help="I/N: retrain only every N-th job from the I-th, so N processes or machines sharing OUT split the "
                    "work; the last to finish writes metrics.json.")
-def attribute_gold(out, queries, k, n_train, steps, batch, lr, methods, heads, shard):
+def attribute_gold(out, queries, k, n_train, steps, batch, lr, methods, heads, query_seed, shard):
     """The counterfactual gold standard: for each query of a small shapes model, retrain from scratch without
     each method's top K and measure the query's loss increase and how far its regenerated image moves.
     metrics.json: {"unlearn": {"loss_increase", "clip_distance", ...}, "features": {...}, "random": {...}}."""
@@ -113,6 +116,6 @@ def attribute_gold(out, queries, k, n_train, steps, batch, lr, methods, heads, s
     if not 0 <= i < n:
         raise DifflabError(f"--shard {shard!r}: expected I/N with 0 <= I < N, e.g. 0/4")
     cfg = GoldConfig(queries=queries, k=k, n_train=n_train, steps=steps, batch=batch, lr=lr, methods=chosen,
-                     tuned=str(heads) if heads else None)
+                     tuned=str(heads) if heads else None, query_seed=query_seed)
     m = gold_standard(out, cfg, shard=(i, n))
     click.echo(json.dumps({k: v for k, v in m.items() if k != "query_loss_base"}, indent=2))
