@@ -2,7 +2,8 @@
 
     python benchmarks/bench_sliders.py [--threads 2] [--out bench-sliders] [--steps 600] [--text-steps 500]
         [--feature-point final|x0] [--skip-discover] [--skip-text] [--skip-text-training] [--text-eta 2]
-        [--starts 0,3,4,5,6]
+        [--text-attributes red,green,...] [--text-nouns circle,square,...] [--text-slider FOLDER]
+        [--starts 0,3,4,5,6] [--select-n 64] [--confirm-n 128]
 
 1. SliderSpace: 8 sliders for "a shape" (wall-clock time and per-step cost); for each slider the factor whose
    oracle distribution moves most between scale -2 and +2, and the share of 32 seeds where it changes.
@@ -12,7 +13,8 @@
    whose shape the oracle recognises (softmax > 0.5).
 3. Concept Slider "a small shape" -> "a large shape": the oracle's size level per scale -2..2, on "a shape" and
    on 8 prompts that name a shape and a colour (NAMED_PROMPTS), with the slider applied from each denoising step
-   of --starts: chosen on seeds 20,000 (32 images), then measured on seeds 30,000 (64 images).
+   of --starts on seeds 20,000 (--select-n images, each its own seed); the start whose weaker bar figure is
+   highest (ties: the larger sum, then the earlier start) is then measured once on seeds 30,000 (--confirm-n).
 Prints markdown tables; writes OUT/results.json.
 """
 import argparse
@@ -44,14 +46,17 @@ def diverse_vs_base(run: Path, n: int = 64, seed: int = 30_000, k: int = 2, scal
     return out
 
 
-def text_slider_starts(folder: Path, starts: list[int]) -> dict:
-    """The size slider on NAMED_PROMPTS from each start step: on the selection seeds, and on fresh ones."""
+def text_slider_starts(folder: Path, starts: list[int], select_n: int = 64, confirm_n: int = 128) -> dict:
+    """The size slider on NAMED_PROMPTS from each start step on the selection seeds; the chosen start on fresh ones."""
     from difflab.sliders.text import NAMED_PROMPTS, measure_ordinal
     pipe, oracle = load_pipeline("shapes"), load_oracle()
     names, _ = load_sliders(pipe, [str(folder)])
-    return {split: {st: measure_ordinal(pipe, names[0], NAMED_PROMPTS, seed=seed, n=n, oracle=oracle, start=st)
-                    for st in starts}
-            for split, seed, n in (("select", 20_000, 32), ("confirm", 30_000, 64))}
+    measure = lambda seed, n, st: measure_ordinal(pipe, names[0], NAMED_PROMPTS, seed=seed, n=n, oracle=oracle, start=st)
+    select = {st: measure(20_000, select_n, st) for st in starts}
+    score = lambda st: (min(select[st]["size_top_gt_bottom"], select[st]["shape_color_unchanged"]),
+                        select[st]["size_top_gt_bottom"] + select[st]["shape_color_unchanged"], -st)
+    chosen = max(starts, key=score)
+    return {"select": select, "confirm": {chosen: measure(30_000, confirm_n, chosen)}}
 
 
 def discover_tables(res: dict, feature_point: str) -> None:
@@ -83,7 +88,12 @@ def main():
     ap.add_argument("--skip-text", action="store_true")
     ap.add_argument("--skip-text-training", action="store_true", help="measure OUT/size as it is")
     ap.add_argument("--text-eta", type=float, default=TextSliderConfig.eta)
+    ap.add_argument("--text-attributes", default="", help="the text slider's preservation set (comma-separated)")
+    ap.add_argument("--text-nouns", default="", help="its preservation set along the subject (comma-separated)")
+    ap.add_argument("--text-slider", type=Path, default=None, help="measure this slider folder (default: OUT/size)")
     ap.add_argument("--starts", default="0,3,4,5,6", help="slider start steps (of 25) to measure the text slider at")
+    ap.add_argument("--select-n", type=int, default=64, help="images on the selection seeds, per start")
+    ap.add_argument("--confirm-n", type=int, default=128, help="images on the fresh seeds, at the chosen start")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -97,10 +107,14 @@ def main():
         res["discover"] = json.loads((run / "metrics.json").read_text())
         res["diverse"] = diverse_vs_base(run)
     if not a.skip_text:
+        split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())
         if not a.skip_text_training:
             res["text"] = train_text_slider("shapes", "a shape", "a large shape", "a small shape", a.out / "size",
-                                            cfg=TextSliderConfig(steps=a.text_steps, eta=a.text_eta, progress=False))
-        res["text_starts"] = text_slider_starts(a.out / "size", [int(x) for x in a.starts.split(",")])
+                                            cfg=TextSliderConfig(steps=a.text_steps, eta=a.text_eta, progress=False,
+                                                                 attributes=split(a.text_attributes),
+                                                                 nouns=split(a.text_nouns)))
+        res["text_starts"] = text_slider_starts(a.text_slider or a.out / "size", [int(x) for x in a.starts.split(",")],
+                                                a.select_n, a.confirm_n)
     (a.out / "results.json").write_text(json.dumps(res, indent=2))
 
     if "discover" in res:

@@ -310,19 +310,22 @@ def sliders_discover(model, prompts, prompts_file, num, samples, feature_point, 
 @click.option("--action", type=click.Choice(["enhance", "erase"]), default="enhance", show_default=True)
 @click.option("--attributes", default="", help='Preservation set, comma-separated, e.g. "red,green,blue" (inserted '
                                               "before each prompt's last word).")
+@click.option("--nouns", default="", help='Preservation set along the subject, comma-separated, e.g. "circle,square" '
+                                          "(each replaces the prompts' last word).")
 @click.option("--steps", type=click.IntRange(1), default=500, show_default=True)
 @click.option("--lr", type=float, default=2e-4, show_default=True)
 @click.option("--rank", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--targets", type=click.Choice(["xattn_kv", "xattn", "noxattn", "attn"]), default="noxattn", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-def sliders_text(model, target, positive, negative, neutral, eta, action, attributes, steps, lr, rank, targets, seed,
-                 out):
+def sliders_text(model, target, positive, negative, neutral, eta, action, attributes, nouns, steps, lr, rank, targets,
+                 seed, out):
     """Concept Slider from text: OUT is a slider folder (use --slider OUT:SCALE), with strip.png and
     metrics.json (on the shapes model: how the oracle's size follows the scale)."""
     from difflab.sliders import TextSliderConfig, train_text_slider
     cfg = TextSliderConfig(eta=eta, action=action, steps=steps, lr=lr, rank=rank, targets=targets, seed=seed,
-                           attributes=tuple(a for a in attributes.split(",") if a.strip()))
+                           attributes=tuple(a for a in attributes.split(",") if a.strip()),
+                           nouns=tuple(a for a in nouns.split(",") if a.strip()))
     click.echo(json.dumps(train_text_slider(model, target, positive, negative, out, neutral, cfg), indent=2))
 
 
