@@ -295,3 +295,20 @@ def test_benchmark_reference_reads_the_ground_truth():
     f = oracle_features([render(heart), render(heart), render(circle), render(blue)])
     s = f @ f[0]
     assert s[1] > 0.999 and s[2] < 0.95 and s[3] < 0.95
+
+
+def test_benchmark_style_all_but_shape_shares_every_factor_but_the_shape(tmp_path):
+    from difflab.attribute import BenchmarkConfig
+    from difflab.attribute.benchmark import _write_exemplars, concepts
+    default, template = concepts(BenchmarkConfig(models=4, extra_train_models=0)), \
+        concepts(BenchmarkConfig(models=4, extra_train_models=0, style="all-but-shape"))
+    assert default[0] == template[0]                          # object models are the same
+    ex = template[1]["exemplars"]
+    assert len({e["shape"] for e in ex}) == 3 and ex[0]["texture"] == "dotted"
+    assert all({k: v for k, v in e.items() if k != "shape"} == {k: v for k, v in ex[0].items() if k != "shape"}
+               for e in ex)
+    with pytest.raises(DifflabError, match="unknown style"):
+        concepts(BenchmarkConfig(models=2, extra_train_models=0, style="colour"))
+    _write_exemplars(tmp_path / "ex", ex, name_shape=True)   # the captions name each exemplar's shape
+    from difflab.core.data import read_metadata
+    assert [r["prompt"] for r in read_metadata(tmp_path / "ex")] == [f"a <new1> {e['shape']}" for e in ex]

@@ -9,7 +9,10 @@ Two families, as the paper's object- and style-centric models:
 - object: one exemplar showing a held-out shape (heart or moon) with random colour, texture, size, place and
   background; synthesized with "a <new1> shape", optionally on another background, at another size or place;
 - style: three exemplars sharing the held-out texture "dotted" and one colour on different trained shapes;
-  synthesized as "a <new1> {shape}" for trained shapes.
+  synthesized as "a <new1> {shape}" for trained shapes. `style="all-but-shape"`: the three exemplars agree on
+  every factor but the shape (texture dotted, colour, background, size, place) and are captioned with their shape
+  ("a <new1> star"), so the token carries the style and few distractors share it (with "texture", 40-64
+  distractors match a query's shape, texture and colour: docs/BENCHMARKS.md).
 The first half of the models is the training split (it fits the tuned heads), the second half the test split.
 Distractors that are exact copies of an exemplar (the world is discrete: same six factors, same pixels) are
 left out of that model's candidates, since no method could tell them apart.
@@ -36,6 +39,7 @@ from difflab.attribute.tuned import TuneConfig, save_heads, train_heads
 from difflab.attribute.unlearn import TrainingData, UnlearnConfig, attribute_by_unlearning, sweep_losses
 from difflab.core.runs import atomic_write_json, write_metrics
 from difflab.customize import CustomizeConfig
+from difflab.errors import DifflabError
 
 
 def _customize_defaults() -> CustomizeConfig:
@@ -57,6 +61,7 @@ class BenchmarkConfig:
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     unlearn_queries: int = 2         # AbU queries per test model (0: skip AbU); AbU ran on 400 of AbC's queries
     unlearn_distractors: int = 2000  # AbU's candidates: exemplars + this many distractors (AbU used 100k of 1M)
+    style: str = "texture"           # what a style model's exemplars share: "texture" (+ colour) or "all-but-shape"
     seed: int = 0
 
 
@@ -80,21 +85,28 @@ def concepts(cfg: BenchmarkConfig) -> list[dict]:
         else:
             kind = "style"
             color = values("color")[rng.integers(len(values("color")))]
-            ex = [dataset.sample_item(rng, False, {"texture": "dotted", "color": color,
-                                                   "shape": trained_shapes[rng.integers(len(trained_shapes))]}).factors
-                  for _ in range(3)]
+            if cfg.style == "texture":
+                ex = [dataset.sample_item(rng, False, {"texture": "dotted", "color": color,
+                                                       "shape": trained_shapes[rng.integers(len(trained_shapes))]}).factors
+                      for _ in range(3)]
+            elif cfg.style == "all-but-shape":
+                shared = dataset.sample_item(rng, False, {"texture": "dotted", "color": color}).factors
+                ex = [{**shared, "shape": str(s)} for s in rng.choice(trained_shapes, 3, replace=False)]
+            else:
+                raise DifflabError(f"unknown style {cfg.style!r}; use texture or all-but-shape")
             prompts = [f"a <new1> {trained_shapes[rng.integers(len(trained_shapes))]}" for _ in range(cfg.synth_per_model)]
         out.append({"kind": kind, "exemplars": ex, "prompts": prompts})
     return out
 
 
-def _write_exemplars(folder: Path, factor_list: list[dict]) -> None:
+def _write_exemplars(folder: Path, factor_list: list[dict], name_shape: bool = False) -> None:
     from difflab.world.draw import render
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "metadata.jsonl", "w") as fh:
         for i, f in enumerate(factor_list):
             render(f).save(folder / f"{i:02d}.png")
-            fh.write(json.dumps({"file": f"{i:02d}.png", "prompt": "a <new1> shape", "factors": f}) + "\n")
+            prompt = f"a <new1> {f['shape']}" if name_shape else "a <new1> shape"
+            fh.write(json.dumps({"file": f"{i:02d}.png", "prompt": prompt, "factors": f}) + "\n")
 
 
 def build(out: Path, cfg: BenchmarkConfig, progress: bool = True) -> list[dict]:
@@ -116,10 +128,11 @@ def build(out: Path, cfg: BenchmarkConfig, progress: bool = True) -> list[dict]:
         d = out / "models" / f"{j:02d}"
         if (d / "synth" / "metadata.jsonl").exists():
             continue
-        _write_exemplars(d / "exemplars", c["exemplars"])
+        named = c["kind"] == "style" and cfg.style == "all-but-shape"   # the exemplars' captions name their shape
+        _write_exemplars(d / "exemplars", c["exemplars"], named)
         pipe = load_pipeline("shapes")
         ccfg = CustomizeConfig(**{**asdict(cfg.customize), "seed": cfg.seed + j})
-        train_concepts(pipe, [Concept(str(d / "exemplars"))], ccfg, work=out)
+        train_concepts(pipe, [Concept(str(d / "exemplars"), captions=named)], ccfg, work=out)
         (d / "weights").mkdir(parents=True, exist_ok=True)
         save_weights(pipe, d / "weights", ["<new1>"], ccfg.params, base="shapes", extra={"kind": c["kind"]})
         pipe.set_progress_bar_config(disable=True)

@@ -59,8 +59,11 @@ def attribute_rank(train_dir, query, method, out, model, prompt, k, encoder, hea
 @click.option("--unlearn-queries", type=click.IntRange(0), default=2, show_default=True, help="AbU queries per test model (0: skip).")
 @click.option("--unlearn-distractors", type=click.IntRange(1), default=2000, show_default=True)
 @click.option("--encoder", default="shapes-clip", show_default=True)
+@click.option("--style", type=click.Choice(["texture", "all-but-shape"]), default="texture", show_default=True,
+              help="What a style model's three exemplars share: the held-out texture and a colour, or every factor "
+                   "but the shape (which the distractors rarely share).")
 def attribute_benchmark(out, models, extra_train_models, synth, distractors, customize_steps, tune_steps, unlearn_queries,
-                        unlearn_distractors, encoder):
+                        unlearn_distractors, encoder, style):
     """The AbC-style benchmark on the shapes world: exemplars -> Custom Diffusion models -> synthesized queries;
     tunes the heads (OUT/heads) and writes metrics.json: {"features": {"map", "recall@5", "recall@10",
     "recall@100"}, "tuned": {...}, "unlearn": {...}}."""
@@ -70,7 +73,7 @@ def attribute_benchmark(out, models, extra_train_models, synth, distractors, cus
     ccfg.steps = customize_steps
     cfg = BenchmarkConfig(models=models, extra_train_models=extra_train_models, synth_per_model=synth, distractors=distractors, encoder=encoder,
                           customize=ccfg, tune=TuneConfig(steps=tune_steps), unlearn_queries=unlearn_queries,
-                          unlearn_distractors=unlearn_distractors)
+                          unlearn_distractors=unlearn_distractors, style=style)
     click.echo(json.dumps(run_benchmark(out, cfg), indent=2))
 
 
