@@ -4,12 +4,12 @@ pole towards the `positive` one, usable at positive and negative scales.
     eps*(x_t, c_t) <- eps(x_t, c_n) + eta [eps(x_t, c_+) - eps(x_t, c_-)]        (paper eq. 8, one attribute)
 
 eps* is the model with the LoRA on, eps the frozen model, c_t the target prompt, c_n the neutral one (default:
-the target), eta the guidance scale of the edit (action "erase": -eta). With a preservation set P (`attributes`), each step
-inserts one attribute p (or none) into all four prompts, so the edit is learnt at fixed p (paper eq. 8's sum); `nouns`
-extends the set along the subject: each step also puts one noun (or none) in place of all four prompts' last word
-("a large shape" -> "a large circle"), so the slider sees the subjects it must keep. x_t comes as in the official code: a
-partial DDIM rollout from noise with the LoRA on (classifier-free guidance 3, negative prompt as the
-unconditional), stopped at a random step, so training sees the states the slider itself produces. Trained at
+the target), eta the guidance scale of the edit (action "erase": -eta). With a preservation set P (`attributes`),
+each step inserts one attribute p (or none) into all four prompts, so the edit is learnt at fixed p (paper eq. 8's
+sum); `nouns` extends the set along the subject: each step also puts one noun (or none) in place of all four
+prompts' last word ("a large shape" -> "a large circle"), so the slider sees the subjects it must keep. x_t comes
+as in the official code: a partial DDIM rollout from noise with the LoRA on (classifier-free guidance 3, negative
+prompt as the unconditional), stopped at a random step, so training sees the states the slider itself produces. Trained at
 scale +1 only; negative scales extrapolate.
 """
 from __future__ import annotations
@@ -160,11 +160,10 @@ def measure_ordinal(pipe, name: str, prompts, factor: str = "size", order=("smal
                     seed: int = 0, n: int = 32, scales=(-2.0, -1.0, 0.0, 1.0, 2.0), oracle=None,
                     start: int = 0) -> dict:
     """How an ordered factor (size by default) follows the slider's scale, by the oracle over n images (n divided
-    evenly among the prompts, seeds from `seed`, distinct for every image; the slider applied from denoising step `start`): the mean level per
-    scale and whether it is
-    monotone; the share of images whose level at the top scale exceeds the bottom one; the share whose shape and
-    color are the same at every scale as at scale 0, and per scale; where every prompt names a shape and a color,
-    the share drawn as the prompt says, per scale."""
+    evenly among the prompts, seeds from `seed`, one per image; the slider applied from denoising step `start`):
+    the mean level per scale and whether it is monotone; the share of images whose level at the top scale exceeds
+    the bottom one; the share whose shape and color are the same at every scale as at scale 0, and per scale;
+    where every prompt names a shape and a color, the share drawn as the prompt says, per scale."""
     from difflab.models import load_oracle
     from difflab.sliders.evaluate import generate_at
     from difflab.world.dataset import parse_prompt
