@@ -304,9 +304,11 @@ def test_benchmark_style_all_but_shape_shares_every_factor_but_the_shape(tmp_pat
         concepts(BenchmarkConfig(models=4, extra_train_models=0, style="all-but-shape"))
     assert default[0] == template[0]                          # object models are the same
     ex = template[1]["exemplars"]
-    assert len({e["shape"] for e in ex}) == 3 and ex[0]["texture"] == "dotted"
+    assert len({e["shape"] for e in ex}) == 3 and ex[0]["texture"] == "dotted" and ex[0]["size"] == "large"
     assert all({k: v for k, v in e.items() if k != "shape"} == {k: v for k, v in ex[0].items() if k != "shape"}
                for e in ex)
+    combo = concepts(BenchmarkConfig(models=4, extra_train_models=0, style="combination"))[1]["exemplars"]
+    assert combo[0]["texture"] in ("solid", "striped", "outline") and len({e["shape"] for e in combo}) == 3
     with pytest.raises(DifflabError, match="unknown style"):
         concepts(BenchmarkConfig(models=2, extra_train_models=0, style="colour"))
     _write_exemplars(tmp_path / "ex", ex, name_shape=True)   # the captions name each exemplar's shape

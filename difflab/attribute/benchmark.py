@@ -12,7 +12,8 @@ Two families, as the paper's object- and style-centric models:
   synthesized as "a <new1> {shape}" for trained shapes. `style="all-but-shape"`: the three exemplars agree on
   every factor but the shape (texture dotted, colour, background, size, place) and are captioned with their shape
   ("a <new1> star"), so the token carries the style and few distractors share it (with "texture", 40-64
-  distractors match a query's shape, texture and colour: docs/BENCHMARKS.md).
+  distractors match a query's shape, texture and colour: docs/BENCHMARKS.md); `style="combination"` is the same
+  with a trained texture (the models copy everything but the held-out texture).
 The first half of the models is the training split (it fits the tuned heads), the second half the test split.
 Distractors that are exact copies of an exemplar (the world is discrete: same six factors, same pixels) are
 left out of that model's candidates, since no method could tell them apart.
@@ -61,7 +62,8 @@ class BenchmarkConfig:
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     unlearn_queries: int = 2         # AbU queries per test model (0: skip AbU); AbU ran on 400 of AbC's queries
     unlearn_distractors: int = 2000  # AbU's candidates: exemplars + this many distractors (AbU used 100k of 1M)
-    style: str = "texture"           # what a style model's exemplars share: "texture" (+ colour) or "all-but-shape"
+    style: str = "texture"           # what a style model's exemplars share: "texture" (+ colour), "all-but-shape"
+                                     # (dotted, colour, background, place, large) or "combination" (same, trained texture)
     seed: int = 0
 
 
@@ -89,11 +91,14 @@ def concepts(cfg: BenchmarkConfig) -> list[dict]:
                 ex = [dataset.sample_item(rng, False, {"texture": "dotted", "color": color,
                                                        "shape": trained_shapes[rng.integers(len(trained_shapes))]}).factors
                       for _ in range(3)]
-            elif cfg.style == "all-but-shape":
-                shared = dataset.sample_item(rng, False, {"texture": "dotted", "color": color}).factors
+            elif cfg.style in ("all-but-shape", "combination"):
+                # "combination": a trained texture instead of the held-out one, which the models copy least (taken
+                # in turn, not drawn, so that every other model is the same as under "all-but-shape")
+                texture = "dotted" if cfg.style == "all-but-shape" else FACTORS["texture"][0][(j // 2) % 3]
+                shared = dataset.sample_item(rng, False, {"texture": texture, "color": color, "size": "large"}).factors
                 ex = [{**shared, "shape": str(s)} for s in rng.choice(trained_shapes, 3, replace=False)]
             else:
-                raise DifflabError(f"unknown style {cfg.style!r}; use texture or all-but-shape")
+                raise DifflabError(f"unknown style {cfg.style!r}; use texture, all-but-shape or combination")
             prompts = [f"a <new1> {trained_shapes[rng.integers(len(trained_shapes))]}" for _ in range(cfg.synth_per_model)]
         out.append({"kind": kind, "exemplars": ex, "prompts": prompts})
     return out
@@ -128,7 +133,7 @@ def build(out: Path, cfg: BenchmarkConfig, progress: bool = True) -> list[dict]:
         d = out / "models" / f"{j:02d}"
         if (d / "synth" / "metadata.jsonl").exists():
             continue
-        named = c["kind"] == "style" and cfg.style == "all-but-shape"   # the exemplars' captions name their shape
+        named = c["kind"] == "style" and cfg.style != "texture"   # the exemplars' captions name their shape
         _write_exemplars(d / "exemplars", c["exemplars"], named)
         pipe = load_pipeline("shapes")
         ccfg = CustomizeConfig(**{**asdict(cfg.customize), "seed": cfg.seed + j})

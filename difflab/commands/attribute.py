@@ -59,9 +59,10 @@ def attribute_rank(train_dir, query, method, out, model, prompt, k, encoder, hea
 @click.option("--unlearn-queries", type=click.IntRange(0), default=2, show_default=True, help="AbU queries per test model (0: skip).")
 @click.option("--unlearn-distractors", type=click.IntRange(1), default=2000, show_default=True)
 @click.option("--encoder", default="shapes-clip", show_default=True)
-@click.option("--style", type=click.Choice(["texture", "all-but-shape"]), default="texture", show_default=True,
-              help="What a style model's three exemplars share: the held-out texture and a colour, or every factor "
-                   "but the shape (which the distractors rarely share).")
+@click.option("--style", type=click.Choice(["texture", "all-but-shape", "combination"]), default="texture",
+              show_default=True,
+              help="What a style model's three exemplars share: the held-out texture and a colour; every factor but "
+                   "the shape (which the distractors rarely share); or that with a trained texture.")
 def attribute_benchmark(out, models, extra_train_models, synth, distractors, customize_steps, tune_steps, unlearn_queries,
                         unlearn_distractors, encoder, style):
     """The AbC-style benchmark on the shapes world: exemplars -> Custom Diffusion models -> synthesized queries;
