@@ -263,6 +263,8 @@ def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):
                           unlearn=UnlearnConfig(steps=1, grad_accum=1, batch=2, time_samples=2),
                           unlearn_queries=1, unlearn_distractors=10)
     m = run_benchmark(tmp_path / "abc", cfg, progress=False)
+    with pytest.raises(DifflabError, match=r"other settings \(style\)"):   # its models would be mixed with others
+        run_benchmark(tmp_path / "abc", replace(cfg, style="combination"), progress=False)
     for name in ("features", "tuned", "unlearn", "oracle"):
         assert set(m[name]) == {"map", "recall@5", "recall@10", "recall@100"} and 0 < m[name]["map"] <= 1
     # the test model (1) is a style model: its fidelity is a share of its 2 queries, and its row is the whole split

@@ -10,7 +10,7 @@ Two families, as the paper's object- and style-centric models:
   background; synthesized with "a <new1> shape", optionally on another background, at another size or place;
 - style: three exemplars sharing the held-out texture "dotted" and one colour on different trained shapes;
   synthesized as "a <new1> {shape}" for trained shapes. `style="all-but-shape"`: the three exemplars agree on
-  every factor but the shape (texture dotted, colour, background, size, place) and are captioned with their shape
+  every factor but the shape (texture dotted, colour, background, place; size large) and are captioned with their shape
   ("a <new1> star"), so the token carries the style and few distractors share it (with "texture", 40-64
   distractors match a query's shape, texture and colour: docs/BENCHMARKS.md); `style="combination"` is the same
   with a trained texture (the models copy everything but the held-out texture).
@@ -192,12 +192,32 @@ def _mean(rows: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+# settings that decide what `build` makes (the models, exemplars, queries, distractors): a folder built with other
+# values is refused rather than mixed; the rest (tuning, AbU, model counts: model j is the same whatever the total)
+# may change between runs of one folder
+BUILD_SETTINGS = ("synth_per_model", "distractors", "concept_seed", "customize", "style", "seed")
+
+
+def _check_resume(out: Path, cfg: BenchmarkConfig) -> None:
+    if not (out / "config.json").exists():
+        return
+    saved, now = json.loads((out / "config.json").read_text()), json.loads(json.dumps(asdict(cfg)))
+    default = asdict(BenchmarkConfig())   # (a field added since the folder was made has its default there)
+    for c in (saved, now):
+        c.get("customize", {}).pop("progress", None)   # (cosmetic)
+    changed = [k for k in BUILD_SETTINGS if saved.get(k, default[k]) != now[k]]
+    if changed:
+        raise DifflabError(f"{out} was built with other settings ({', '.join(changed)}); "
+                           "resume it with the same ones or use a new folder")
+
+
 def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress: bool = True) -> dict:
     """Build the benchmark (resumable), tune the heads on its training split, evaluate every method on its test
     split, and write heads/ and metrics.json into `out`."""
     from difflab.core.data import read_metadata
     cfg = cfg or BenchmarkConfig()
     out = Path(out)
+    _check_resume(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", asdict(cfg))
     t0 = time.time()
