@@ -252,6 +252,12 @@ def test_gold_cli_refuses_bad_options(tmp_path):
     (tmp_path / "g" / "config.json").write_text(json.dumps(asdict(GoldConfig())))
     r = _cli("attribute", "gold", "--out", tmp_path / "g", "--query-seed", 33000)
     assert r.exit_code == 2 and "other settings (query_seed)" in r.output
+    # likewise the benchmark's --recipe and --style reach its build settings (a default-built folder refuses them)
+    from difflab.attribute import BenchmarkConfig
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text(json.dumps(asdict(BenchmarkConfig())))
+    r = _cli("attribute", "benchmark", "--out", tmp_path / "b", "--recipe", "--style", "combination")
+    assert r.exit_code == 2 and "other settings (customize, style)" in r.output
 
 
 def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):

@@ -55,6 +55,9 @@ def attribute_rank(train_dir, query, method, out, model, prompt, k, encoder, hea
 @click.option("--distractors", type=click.IntRange(0), default=10_000, show_default=True,
               help="First N images of the shapes training set (0: all 60,000).")
 @click.option("--customize-steps", type=click.IntRange(1), default=400, show_default=True)
+@click.option("--recipe", is_flag=True,
+              help="Train each model with the single-concept recipe (shapes_recipe: 2,000 steps; models that copy "
+                   "their exemplars) instead of 400 steps at lr 2e-3; --customize-steps is then ignored.")
 @click.option("--tune-steps", type=click.IntRange(1), default=300, show_default=True)
 @click.option("--unlearn-queries", type=click.IntRange(0), default=2, show_default=True, help="AbU queries per test model (0: skip).")
 @click.option("--unlearn-distractors", type=click.IntRange(1), default=2000, show_default=True)
@@ -63,15 +66,19 @@ def attribute_rank(train_dir, query, method, out, model, prompt, k, encoder, hea
               show_default=True,
               help="What a style model's three exemplars share: the held-out texture and a colour; every factor but "
                    "the shape (which the distractors rarely share); or that with a trained texture.")
-def attribute_benchmark(out, models, extra_train_models, synth, distractors, customize_steps, tune_steps, unlearn_queries,
-                        unlearn_distractors, encoder, style):
+def attribute_benchmark(out, models, extra_train_models, synth, distractors, customize_steps, recipe, tune_steps,
+                        unlearn_queries, unlearn_distractors, encoder, style):
     """The AbC-style benchmark on the shapes world: exemplars -> Custom Diffusion models -> synthesized queries;
     tunes the heads (OUT/heads) and writes metrics.json: {"features": {"map", "recall@5", "recall@10",
     "recall@100"}, "tuned": {...}, "unlearn": {...}}."""
     from difflab.attribute import BenchmarkConfig, TuneConfig, run_benchmark
     from difflab.attribute.benchmark import _customize_defaults
-    ccfg = _customize_defaults()
-    ccfg.steps = customize_steps
+    from difflab.customize import shapes_recipe
+    if recipe:
+        ccfg = shapes_recipe(progress=False)
+    else:
+        ccfg = _customize_defaults()
+        ccfg.steps = customize_steps
     cfg = BenchmarkConfig(models=models, extra_train_models=extra_train_models, synth_per_model=synth, distractors=distractors, encoder=encoder,
                           customize=ccfg, tune=TuneConfig(steps=tune_steps), unlearn_queries=unlearn_queries,
                           unlearn_distractors=unlearn_distractors, style=style)
