@@ -38,7 +38,7 @@ import torch
 from difflab.attribute.features import cached_features, embed_images
 from difflab.attribute.tuned import TuneConfig, save_heads, train_heads
 from difflab.attribute.unlearn import TrainingData, UnlearnConfig, attribute_by_unlearning, sweep_losses
-from difflab.core.runs import atomic_write_json, write_metrics
+from difflab.core.runs import atomic_write_json, refuse_other_settings, write_metrics
 from difflab.customize import CustomizeConfig
 from difflab.errors import DifflabError
 
@@ -198,26 +198,13 @@ def _mean(rows: list[dict]) -> dict[str, float]:
 BUILD_SETTINGS = ("synth_per_model", "distractors", "concept_seed", "customize", "style", "seed")
 
 
-def _check_resume(out: Path, cfg: BenchmarkConfig) -> None:
-    if not (out / "config.json").exists():
-        return
-    saved, now = json.loads((out / "config.json").read_text()), json.loads(json.dumps(asdict(cfg)))
-    default = asdict(BenchmarkConfig())   # (a field added since the folder was made has its default there)
-    for c in (saved, now):
-        c.get("customize", {}).pop("progress", None)   # (cosmetic)
-    changed = [k for k in BUILD_SETTINGS if saved.get(k, default[k]) != now[k]]
-    if changed:
-        raise DifflabError(f"{out} was built with other settings ({', '.join(changed)}); "
-                           "resume it with the same ones or use a new folder")
-
-
 def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress: bool = True) -> dict:
     """Build the benchmark (resumable), tune the heads on its training split, evaluate every method on its test
     split, and write heads/ and metrics.json into `out`."""
     from difflab.core.data import read_metadata
     cfg = cfg or BenchmarkConfig()
     out = Path(out)
-    _check_resume(out, cfg)
+    refuse_other_settings(out, json.loads(json.dumps(asdict(cfg))), BUILD_SETTINGS, asdict(BenchmarkConfig()))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", asdict(cfg))
     t0 = time.time()

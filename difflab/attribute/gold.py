@@ -26,9 +26,8 @@ import torch
 from difflab.attribute.unlearn import (TrainingData, UnlearnConfig, attribute_by_unlearning, cached_fisher,
                                        cached_losses, image_losses, training_data)
 from difflab.core.diffusion import diffusion_loss
-from difflab.core.runs import atomic_write_json, write_metrics
+from difflab.core.runs import atomic_write_json, refuse_other_settings, write_metrics
 from difflab.core.trainer import TrainConfig, train
-from difflab.errors import DifflabError
 
 METHODS = ("unlearn", "features", "tuned", "random")
 
@@ -203,12 +202,7 @@ def gold_standard(out: str | Path, cfg: GoldConfig | None = None, progress: bool
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(asdict(cfg)))   # (tuples as JSON lists, to compare with the saved ones)
-    if (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text())
-        changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
-        if changed:
-            raise DifflabError(f"{out} was made with other settings ({', '.join(changed)}); "
-                               "resume it with the same ones or use a new folder")
+    refuse_other_settings(out, settings)
     atomic_write_json(out / "config.json", settings)
     t0 = time.time()
     queries = make_world(out, cfg)

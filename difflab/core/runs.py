@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from difflab import __version__
+from difflab.errors import DifflabError
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -30,6 +31,29 @@ def atomic_write_json(path: Path, obj) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _without_progress(obj):
+    """A settings tree without its `progress` flags (cosmetic: they never decide what a run makes)."""
+    if isinstance(obj, dict):
+        return {k: _without_progress(v) for k, v in obj.items() if k != "progress"}
+    return obj
+
+
+def refuse_other_settings(folder: Path, settings: dict, keys=None, defaults: dict | None = None) -> None:
+    """Before a resumable run goes on in `folder`: refuse it (one line) when the folder's config.json was written
+    with other values of `keys` (default: every key) than `settings` (JSON-like, e.g. json round-tripped asdict).
+    A key the saved file lacks counts as `defaults[key]` (a setting added since the folder was made)."""
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        return
+    saved, now = _without_progress(json.loads(path.read_text())), _without_progress(settings)
+    defaults = _without_progress(defaults or {})
+    keys = keys if keys is not None else sorted(now.keys() | saved.keys())
+    changed = [k for k in keys if saved.get(k, defaults.get(k)) != now.get(k)]
+    if changed:
+        raise DifflabError(f"{folder} was made with other settings ({', '.join(changed)}); "
+                           "resume it with the same ones or use a new folder")
 
 
 def write_metrics(folder: Path, metrics: dict, command: str | None = None) -> dict:
