@@ -109,7 +109,8 @@ def test_fisher_matches_per_sample_gradients_and_is_refused_for_another_model(sm
 
 
 def test_unlearning_finds_the_training_image_it_unlearned_and_restores_the_model(small_train):
-    from difflab.attribute.unlearn import UnlearnConfig, attribute_by_unlearning, query_tensors, training_data
+    from difflab.attribute.unlearn import (UnlearnConfig, attribute_by_unlearning, cached_losses, forgetting,
+                                           query_tensors, training_data)
     from difflab.core.data import read_metadata
     from difflab.models import load_pipeline
     from PIL import Image
@@ -124,6 +125,10 @@ def test_unlearning_finds_the_training_image_it_unlearned_and_restores_the_model
     assert tau.shape == (12,) and tau.argmax().item() == 5 and tau[5] > 0
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())   # restored bit-exact
     assert any((small_train / ".difflab-cache").glob("fisher-*.safetensors"))        # cached for the next query
+    # forgetting: the training losses' overall rise, larger for a larger α
+    before_losses = cached_losses(pipe.unet, pipe.scheduler, data, UnlearnConfig(), progress=False)
+    gentle = attribute_by_unlearning(pipe, data, zq, cq, UnlearnConfig(steps=5, grad_accum=2, lr=1e-4), progress=False)
+    assert 0 < forgetting(gentle, before_losses) < forgetting(tau, before_losses)
 
 
 def test_tuned_heads_learn_what_attribution_needs_and_calibrate():
@@ -183,6 +188,11 @@ def test_cli_rank_writes_a_run_and_refuses_bad_input(small_train, tmp_path):
     ranking = json.loads((tmp_path / "run" / "ranking.json").read_text())
     assert sorted(ranking["files"]) == sorted(f"{i:06d}.png" for i in range(12))
     assert (tmp_path / "run" / "top.png").is_file()
+    r = _cli("attribute", "rank", "--train", small_train, "--query", query, "--out", tmp_path / "abu", "--k", 2,
+             "--method", "unlearn", "--prompt", "a shape", "--unlearn-steps", 2, "--unlearn-lr", 1e-3)
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "abu" / "metrics.json").read_text())
+    assert m["forgetting"] > 0 and len(m["top"]) == 2
     # bad input: one line, exit 2, nothing written
     for args, msg in [(["--query", tmp_path / "missing.png"], "does not exist"),
                       (["--query", query, "--method", "tuned"], "needs --heads"),
@@ -209,6 +219,7 @@ def test_gold_standard_runs_end_to_end_and_resumes(tmp_path):
         assert len(m[name]["per_query"]["loss_increase"]) == 2
     ranks = json.loads((tmp_path / "gold" / "rankings.json").read_text())
     assert all(len(v) == 3 for v in ranks.values()) and len(ranks) == 6
+    assert m["unlearn"]["forgetting"] > 0   # how much unlearning raised the training losses overall
     stamp = (tmp_path / "gold" / "retrain" / "unlearn-0.json").stat().st_mtime_ns
     m2 = gold_standard(tmp_path / "gold", cfg, progress=False)   # resumes: nothing retrained
     assert (tmp_path / "gold" / "retrain" / "unlearn-0.json").stat().st_mtime_ns == stamp

@@ -47,7 +47,8 @@ def scores_for(method: str, train: Path, query: Path, model: str = "shapes", pro
         with torch.no_grad():
             s = (h.synth(q) @ h.real(feats).T)[0]
         return s, files, {"probability": soft_attribution(s, float(h.inv_tau), float(h.bias))}
-    from difflab.attribute.unlearn import (attribute_by_unlearning, cached_fisher, query_tensors, training_data)
+    from difflab.attribute.unlearn import (attribute_by_unlearning, cached_fisher, cached_losses, forgetting,
+                                           query_tensors, training_data)
     from difflab.models import load_pipeline
     prompt = query_prompt(query, prompt)
     if not prompt:
@@ -58,7 +59,9 @@ def scores_for(method: str, train: Path, query: Path, model: str = "shapes", pro
     data = training_data(pipe, train, flips=cfg.flips)
     zq, cq = query_tensors(pipe, query, prompt)
     f = cached_fisher(pipe.unet, pipe.scheduler, data, cfg, path=fisher, progress=progress)
-    return attribute_by_unlearning(pipe, data, zq, cq, cfg, f, progress=progress), data.files, {"prompt": prompt}
+    before = cached_losses(pipe.unet, pipe.scheduler, data, cfg, progress)
+    tau = attribute_by_unlearning(pipe, data, zq, cq, cfg, f, before, progress=progress)
+    return tau, data.files, {"prompt": prompt, "forgetting": forgetting(tau, before)}
 
 
 def top_sheet(query: Path, train: Path, files: list[str], labels: list[str]):
@@ -90,5 +93,6 @@ def rank(train: str | Path, query: str | Path, out: str | Path, method: str = "f
                                                 "prompt": extra.get("prompt", prompt), "k": k,
                                                 "unlearn": asdict(unlearn or UnlearnConfig()) if method == "unlearn" else None})
         top_sheet(query, train, [t["file"] for t in top], [f"{t['rank']}" for t in top]).save(tmp / "top.png")
-        write_metrics(tmp, {"method": method, "n_train": len(files), "top": top})
+        write_metrics(tmp, {"method": method, "n_train": len(files), "top": top,
+                            **({"forgetting": extra["forgetting"]} if "forgetting" in extra else {})})
     return {"method": method, "top": top}

@@ -282,3 +282,11 @@ def attribute_by_unlearning(pipe, data: TrainingData, z_query: torch.Tensor, c_q
     tau = after - before
     return tau.max(1).values if tau.ndim == 2 else tau
 
+
+def forgetting(tau: torch.Tensor, before: torch.Tensor) -> float:
+    """How much one unlearning run raised the training losses overall: mean τ / mean L(z_i, θ0). AbU wants the
+    query forgotten, not the model; a value near or above 1 says α unlearned everything (every loss doubled), and
+    the ranking then follows how fragile each image is rather than the query (docs/BENCHMARKS.md, gold standard)."""
+    before = before[:, 0] if before.ndim == 2 else before   # (the images as given, not their mirrors)
+    return float(tau.mean() / before.mean())
+

@@ -100,17 +100,22 @@ def attribute_benchmark(out, models, extra_train_models, synth, distractors, cus
 @click.option("--methods", default="unlearn,features,random", show_default=True,
               help="Comma-separated: unlearn, features, tuned (needs --heads), random.")
 @click.option("--heads", type=click.Path(path_type=Path), default=None, help="tuned: a heads/ folder.")
+@click.option("--unlearn-params", type=click.Choice(["xattn_kv", "xattn", "attn", "full"]), default="full",
+              show_default=True, help="AbU's parameters in the small model (K/V is the paper's choice for SD).")
+@click.option("--unlearn-lr", type=float, default=1e-6, show_default=True,
+              help="AbU's alpha: the gold model's metrics.json reports how much it made the model forget overall.")
 @click.option("--query-seed", type=int, default=32_000, show_default=True,
               help="Seed of the queries' prompts and generation: another seed gives an independent set of queries "
                    "on the same training set and base model.")
 @click.option("--shard", default="0/1", show_default=True,
               help="I/N: retrain only every N-th job from the I-th, so N processes or machines sharing OUT split the "
                    "work; the last to finish writes metrics.json.")
-def attribute_gold(out, queries, k, n_train, steps, batch, lr, methods, heads, query_seed, shard):
+def attribute_gold(out, queries, k, n_train, steps, batch, lr, methods, heads, unlearn_params, unlearn_lr, query_seed,
+                   shard):
     """The counterfactual gold standard: for each query of a small shapes model, retrain from scratch without
     each method's top K and measure the query's loss increase and how far its regenerated image moves.
     metrics.json: {"unlearn": {"loss_increase", "clip_distance", ...}, "features": {...}, "random": {...}}."""
-    from difflab.attribute import GoldConfig, gold_standard
+    from difflab.attribute import GoldConfig, UnlearnConfig, gold_standard
     from difflab.attribute.gold import METHODS
     chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
     bad = [m for m in chosen if m not in METHODS]
@@ -127,6 +132,7 @@ def attribute_gold(out, queries, k, n_train, steps, batch, lr, methods, heads, q
     if not 0 <= i < n:
         raise DifflabError(f"--shard {shard!r}: expected I/N with 0 <= I < N, e.g. 0/4")
     cfg = GoldConfig(queries=queries, k=k, n_train=n_train, steps=steps, batch=batch, lr=lr, methods=chosen,
-                     tuned=str(heads) if heads else None, query_seed=query_seed)
+                     tuned=str(heads) if heads else None, query_seed=query_seed,
+                     unlearn=UnlearnConfig(params=unlearn_params, lr=unlearn_lr))
     m = gold_standard(out, cfg, shard=(i, n))
     click.echo(json.dumps({k: v for k, v in m.items() if k != "query_loss_base"}, indent=2))
