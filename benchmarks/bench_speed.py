@@ -33,7 +33,7 @@ def main():
     torch.set_num_threads(a.threads)
     pipe = load_pipeline("shapes")
     oracle = load_oracle()
-    prompts = [f"a red star at the top left"] * 16
+    prompts = ["a red star at the top left"] * 16
 
     def gen():
         g = [torch.Generator().manual_seed(i) for i in range(16)]

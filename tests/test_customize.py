@@ -153,8 +153,6 @@ def test_merge_two_runs(tiny_pipeline_dir, tmp_path):
 
 
 def test_customize_cli_run_folder_and_adapter(tiny_pipeline_dir, tmp_path):
-    import json
-
     from click.testing import CliRunner
 
     from difflab.cli import main

@@ -115,7 +115,6 @@ def test_sdxl_folder_loads_as_sdxl_and_generates(tiny_sdxl_dir, tmp_path):
 
 
 def test_lora_adapter_folder_and_scale(tiny_pipeline_dir, tmp_path):
-    import torch
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 

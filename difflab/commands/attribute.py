@@ -103,7 +103,8 @@ def attribute_benchmark(out, models, extra_train_models, synth, distractors, cus
 @click.option("--unlearn-params", type=click.Choice(["xattn_kv", "xattn", "attn", "full"]), default="full",
               show_default=True, help="AbU's parameters in the small model (K/V is the paper's choice for SD).")
 @click.option("--unlearn-lr", type=float, default=1e-6, show_default=True,
-              help="AbU's alpha: the gold model's metrics.json reports how much it made the model forget overall.")
+              help="AbU's alpha (step alpha/N F^-1 grad). metrics.json reports unlearn.forgetting, the training "
+                   "losses' mean rise relative to their mean: near 1 or above, AbU made the model forget everything.")
 @click.option("--query-seed", type=int, default=32_000, show_default=True,
               help="Seed of the queries' prompts and generation: another seed gives an independent set of queries "
                    "on the same training set and base model.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from difflab.world.dataset import parse_prompt
-from difflab.world.draw import FACTORS, values
+from difflab.world.draw import FACTORS
 from difflab.world.oracle import judge
 
 
