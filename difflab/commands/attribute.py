@@ -59,6 +59,10 @@ def attribute_rank(train_dir, query, method, out, model, prompt, k, encoder, hea
               help="Train each model with the single-concept recipe (shapes_recipe: 2,000 steps; models that copy "
                    "their exemplars) instead of 400 steps at lr 2e-3; --customize-steps is then ignored.")
 @click.option("--tune-steps", type=click.IntRange(1), default=300, show_default=True)
+@click.option("--tune-negatives", type=click.IntRange(1), default=1024, show_default=True,
+              help="Distractors drawn per step of the heads' contrastive loss.")
+@click.option("--tune-temperature", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True,
+              help="Temperature of the heads' contrastive loss.")
 @click.option("--unlearn-queries", type=click.IntRange(0), default=2, show_default=True, help="AbU queries per test model (0: skip).")
 @click.option("--unlearn-distractors", type=click.IntRange(1), default=2000, show_default=True)
 @click.option("--encoder", default="shapes-clip", show_default=True)
@@ -67,7 +71,7 @@ def attribute_rank(train_dir, query, method, out, model, prompt, k, encoder, hea
               help="What a style model's three exemplars share: the held-out texture and a colour; every factor but "
                    "the shape (which the distractors rarely share); or that with a trained texture.")
 def attribute_benchmark(out, models, extra_train_models, synth, distractors, customize_steps, recipe, tune_steps,
-                        unlearn_queries, unlearn_distractors, encoder, style):
+                        tune_negatives, tune_temperature, unlearn_queries, unlearn_distractors, encoder, style):
     """The AbC-style benchmark on the shapes world: exemplars -> Custom Diffusion models -> synthesized queries;
     tunes the heads (OUT/heads) and writes metrics.json: {"features": {"map", "recall@5", "recall@10",
     "recall@100"}, "tuned": {...}, "unlearn": {...}}."""
@@ -80,7 +84,8 @@ def attribute_benchmark(out, models, extra_train_models, synth, distractors, cus
         ccfg = _customize_defaults()
         ccfg.steps = customize_steps
     cfg = BenchmarkConfig(models=models, extra_train_models=extra_train_models, synth_per_model=synth, distractors=distractors, encoder=encoder,
-                          customize=ccfg, tune=TuneConfig(steps=tune_steps), unlearn_queries=unlearn_queries,
+                          customize=ccfg, tune=TuneConfig(steps=tune_steps, negatives=tune_negatives,
+                                                          temperature=tune_temperature), unlearn_queries=unlearn_queries,
                           unlearn_distractors=unlearn_distractors, style=style)
     click.echo(json.dumps(run_benchmark(out, cfg), indent=2))
 
