@@ -284,7 +284,7 @@ def unlearn_eval(out: Path, cfg: BenchmarkConfig, test_ids, n_exemplars: list[in
     training prompt "a <new1> shape", as AbU's AbC runs) plus the first `unlearn_distractors` distractors; the
     Fisher is the base model's over those distractors, reused for every customized model (as AbU does). The
     feature methods are scored on the same candidates (`feature_scores`, from run_benchmark)."""
-    from difflab.attribute.unlearn import cached_fisher, query_tensors, training_data
+    from difflab.attribute.unlearn import cached_fisher, forgetting, query_tensors, training_data
     from safetensors.torch import load_file
 
     from difflab.core.data import encode_latents, encode_prompts, load_folder_images, read_metadata, save_tensors, to_pixels
@@ -297,6 +297,7 @@ def unlearn_eval(out: Path, cfg: BenchmarkConfig, test_ids, n_exemplars: list[in
     fisher = cached_fisher(base.unet, base.scheduler, TrainingData(dis.z, dis.c, dis.files, out / "distractors"),
                            cfg.unlearn, progress=progress)
     rows = {"unlearn": [], "features": [], "tuned": [], "oracle": []}
+    forgot = []   # per query: how much unlearning raised the candidates' losses overall (unlearn.forgetting)
     for j in test_ids:
         pipe = load_pipeline("shapes")
         apply_weights(pipe, out / "models" / f"{j:02d}" / "weights")
@@ -309,16 +310,22 @@ def unlearn_eval(out: Path, cfg: BenchmarkConfig, test_ids, n_exemplars: list[in
         for q in range(min(cfg.unlearn_queries, len(recs))):
             saved = out / "unlearn" / f"{j:02d}-{q:02d}.safetensors"   # a rerun (new heads, say) reuses AbU's scores
             if saved.exists():
-                tau = load_file(saved)["tau"]
+                kept = load_file(saved)
+                tau = kept["tau"]
+                if "forgetting" in kept:   # (folders of sessions before 9 saved the scores only)
+                    forgot.append(float(kept["forgetting"]))
             else:
                 if before is None:
                     before = sweep_losses(pipe.unet, pipe.scheduler, data, cfg.unlearn, progress, "losses before")
                 zq, cq = query_tensors(pipe, out / "models" / f"{j:02d}" / "synth" / recs[q]["file"], recs[q]["prompt"])
                 tau = attribute_by_unlearning(pipe, data, zq, cq, cfg.unlearn, fisher, before, progress=False)
-                save_tensors(saved, {"tau": tau})
+                forgot.append(forgetting(tau, before))
+                save_tensors(saved, {"tau": tau, "forgetting": torch.tensor(forgot[-1])})
             for name, scores in {"unlearn": tau, **feature_scores(j, q, keep)}.items():
                 rows[name].append(rank_metrics(scores, n_exemplars[j]))
     res = {m: _mean(r) for m, r in rows.items()}
     res["queries"] = len(rows["unlearn"])
     res["candidates"] = n
+    if forgot:
+        res["forgetting"] = float(np.mean(forgot))
     return res
