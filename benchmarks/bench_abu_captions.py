@@ -7,7 +7,7 @@ distractors, the same models, Fisher and settings) with each exemplar captioned 
 -> "a star") and prints both rankings' metrics side by side. Needs a built folder with its AbU scores
 (`difflab attribute benchmark --out DIR ...` with --unlearn-queries 2):
 
-    python benchmarks/bench_abu_captions.py DIR --style combination --threads 1   # ~1 min per query at 1 thread
+    python benchmarks/bench_abu_captions.py DIR --threads 1   # ~1 min per query at 1 thread
 """
 import argparse
 import json
@@ -19,7 +19,7 @@ import torch
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="A built benchmark folder.")
-    ap.add_argument("--style", default="combination", help="The style the folder was built with.")
+    ap.add_argument("--style", default=None, help="The style the folder was built with (default: its config.json's).")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -32,7 +32,7 @@ def main():
     from difflab.customize import apply_weights
     from difflab.models import load_pipeline
     saved = json.loads((a.out / "config.json").read_text())
-    cfg = BenchmarkConfig(style=a.style, models=saved["models"], extra_train_models=saved["extra_train_models"],
+    cfg = BenchmarkConfig(style=a.style or saved["style"], models=saved["models"], extra_train_models=saved["extra_train_models"],
                           unlearn_queries=saved["unlearn_queries"], unlearn_distractors=saved["unlearn_distractors"])
     ucfg = UnlearnConfig(**saved["unlearn"])
     cons = concepts(cfg)
