@@ -25,10 +25,11 @@ def main():
     torch.set_num_threads(a.threads)
     from safetensors.torch import load_file
 
-    from difflab.attribute.benchmark import BenchmarkConfig, _mean, _split, concepts, rank_metrics
+    from difflab.attribute.benchmark import (BenchmarkConfig, _mean, _split, abu_candidates, concepts,
+                                             kept_distractors, rank_metrics)
     from difflab.attribute.unlearn import (TrainingData, UnlearnConfig, attribute_by_unlearning, cached_fisher,
                                            query_tensors, sweep_losses, training_data)
-    from difflab.core.data import encode_latents, encode_prompts, load_folder_images, read_metadata, to_pixels
+    from difflab.core.data import read_metadata
     from difflab.customize import apply_weights
     from difflab.models import load_pipeline
     saved = json.loads((a.out / "config.json").read_text())
@@ -46,12 +47,9 @@ def main():
     for j in _split(cfg)[1]:
         pipe = load_pipeline("shapes")
         apply_weights(pipe, a.out / "models" / f"{j:02d}" / "weights")
-        copies = {json.dumps(f, sort_keys=True) for f in cons[j]["exemplars"]}
-        keep = torch.tensor([i for i, f in enumerate(dis_factors) if f not in copies])
-        exd = a.out / "models" / f"{j:02d}" / "exemplars"
-        z_ex = encode_latents(pipe.vae, to_pixels(load_folder_images(exd)))
-        c_ex = encode_prompts(pipe, [r["prompt"].replace("<new1> ", "") for r in read_metadata(exd)])
-        data = TrainingData(torch.cat([dis.z[keep], z_ex]), torch.cat([dis.c[keep], c_ex]), [])
+        data = abu_candidates(pipe, a.out / "models" / f"{j:02d}" / "exemplars", dis,
+                              kept_distractors(cons[j], dis_factors), token=False)
+        n_ex = len(cons[j]["exemplars"])
         before = sweep_losses(pipe.unet, pipe.scheduler, data, ucfg, False)
         recs = read_metadata(a.out / "models" / f"{j:02d}" / "synth")
         for q in range(min(cfg.unlearn_queries, len(recs))):
@@ -59,7 +57,7 @@ def main():
             tau = attribute_by_unlearning(pipe, data, zq, cq, ucfg, fisher, before, progress=False)
             with_token = load_file(a.out / "unlearn" / f"{j:02d}-{q:02d}.safetensors")["tau"]
             for name, t in zip(rows, (with_token, tau)):
-                rows[name].append(rank_metrics(t, len(z_ex)))
+                rows[name].append(rank_metrics(t, n_ex))
             print(f"model {j} query {q}: mAP with token {rows[next(iter(rows))][-1]['map']:.3f}, "
                   f"without {rows['no token'][-1]['map']:.3f}", flush=True)
     print(f"\n| AbU, {len(rows['no token'])} queries, {n} distractors | mAP | Recall@5 | Recall@10 | Recall@100 |")

@@ -192,6 +192,24 @@ def _mean(rows: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+def kept_distractors(concept: dict, dis_factors: list[str]) -> torch.Tensor:
+    """Indices of the distractors (their factors as sorted JSON) that stay candidates for a model: exact copies of
+    its exemplars removed."""
+    copies = {json.dumps(f, sort_keys=True) for f in concept["exemplars"]}
+    return torch.tensor([i for i, f in enumerate(dis_factors) if f not in copies])
+
+
+def abu_candidates(pipe, exemplars: Path, dis: TrainingData, keep: torch.Tensor, token: bool = True) -> TrainingData:
+    """What AbU scores for one customized model `pipe`: the kept distractors under their own captions, then the
+    exemplars, under "a <new1> shape" (AbU's AbC protocol) or, with token=False, under their own captions with the
+    token removed ("a <new1> star" -> "a star"; benchmarks/bench_abu_captions.py)."""
+    from difflab.core.data import encode_latents, encode_prompts, load_folder_images, read_metadata, to_pixels
+    z_ex = encode_latents(pipe.vae, to_pixels(load_folder_images(exemplars)))
+    captions = (["a <new1> shape"] * len(z_ex) if token else
+                [r["prompt"].replace("<new1> ", "") for r in read_metadata(exemplars)])
+    return TrainingData(torch.cat([dis.z[keep], z_ex]), torch.cat([dis.c[keep], encode_prompts(pipe, captions)]), [])
+
+
 # settings that decide what `build` makes (the models, exemplars, queries, distractors): a folder built with other
 # values is refused rather than mixed; the rest (tuning, AbU, model counts: model j is the same whatever the total)
 # may change between runs of one folder
@@ -237,10 +255,7 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     t_tune = time.time() - t1
 
     def candidates(j: int, n_dis: int | None = None) -> torch.Tensor:
-        """Indices of the distractors that stay candidates for model j (exact copies of its exemplars removed)."""
-        copies = {json.dumps(f, sort_keys=True) for f in cons[j]["exemplars"]}
-        keep = [i for i, f in enumerate(dis_factors[:n_dis]) if f not in copies]
-        return torch.tensor(keep)
+        return kept_distractors(cons[j], dis_factors[:n_dis])
 
     with torch.no_grad():
         real_dis = heads.real(dis_feats)
@@ -287,7 +302,7 @@ def unlearn_eval(out: Path, cfg: BenchmarkConfig, test_ids, n_exemplars: list[in
     from difflab.attribute.unlearn import cached_fisher, forgetting, query_tensors, training_data
     from safetensors.torch import load_file
 
-    from difflab.core.data import encode_latents, encode_prompts, load_folder_images, read_metadata, save_tensors, to_pixels
+    from difflab.core.data import read_metadata, save_tensors
     from difflab.customize import apply_weights
     from difflab.models import load_pipeline
     base = load_pipeline("shapes")
@@ -302,9 +317,7 @@ def unlearn_eval(out: Path, cfg: BenchmarkConfig, test_ids, n_exemplars: list[in
         pipe = load_pipeline("shapes")
         apply_weights(pipe, out / "models" / f"{j:02d}" / "weights")
         keep = candidates(j, n)
-        z_ex = encode_latents(pipe.vae, to_pixels(load_folder_images(out / "models" / f"{j:02d}" / "exemplars")))
-        c_ex = encode_prompts(pipe, ["a <new1> shape"] * len(z_ex))
-        data = TrainingData(torch.cat([dis.z[keep], z_ex]), torch.cat([dis.c[keep], c_ex]), [])
+        data = abu_candidates(pipe, out / "models" / f"{j:02d}" / "exemplars", dis, keep)
         before = None
         recs = read_metadata(out / "models" / f"{j:02d}" / "synth")
         for q in range(min(cfg.unlearn_queries, len(recs))):
