@@ -439,8 +439,8 @@ def text_features(pipe, prompts: list[str], skip_start: bool = True, padding: bo
 
 @torch.no_grad()
 def input_grams(pipe, modules: list[str], prompts: list[str], n: int = 8, seed: int = 90_000) -> dict[str, torch.Tensor]:
-    """E[x̃ x̃^T], x̃ = [x, 1], over every position, denoising step and guidance branch at which each named UNet
-    Linear layer runs while the pipeline generates n images per prompt: what the layer's inputs look like there."""
+    """E[x x^T] over every position, denoising step and guidance branch at which each named UNet Linear layer
+    runs while the pipeline generates n images per prompt: what the layer's inputs look like there."""
     from difflab.generate import generate_images
     found = dict(pipe.unet.named_modules())
     sums: dict[str, torch.Tensor] = {}
@@ -449,7 +449,6 @@ def input_grams(pipe, modules: list[str], prompts: list[str], n: int = 8, seed: 
     def hook_for(name):
         def hook(_m, inp):
             x = inp[0].reshape(-1, inp[0].shape[-1]).double().cpu()
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
             sums[name] = sums.get(name, 0) + x.T @ x
             counts[name] += len(x)
         return hook
@@ -507,7 +506,7 @@ def _into_frame(name: str, V: torch.Tensor, owner, taken: int, states: list[dict
             mu = ridge * A.diagonal().mean() * torch.eye(len(A), dtype=A.dtype)
             V[rows] = torch.linalg.solve(A + mu, (Y + V[rows] @ mu).T).T
         elif i in q_grams:
-            G, At, Ai = q_grams[i][f"{attn}.to_q"][:-1, :-1], get(taken, "to_q.weight"), get(i, "to_q.weight")
+            G, At, Ai = q_grams[i][f"{attn}.to_q"], get(taken, "to_q.weight"), get(i, "to_q.weight")
             hd = At.shape[0] // heads
             for h in range(heads):
                 sl = slice(h * hd, (h + 1) * hd)

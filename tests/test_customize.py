@@ -169,7 +169,7 @@ def test_into_frame_keeps_each_runs_attention_output():
               for _ in range(2)]
     owner = np.array([0, 0, 1, 1])
     V = rnd(4, d)
-    grams = {0: {"a.to_q": torch.eye(d + 1, dtype=torch.float64)}}
+    grams = {0: {"a.to_q": eye}}
     Vv = _into_frame("a.to_v.weight", V, owner, 1, states, {}, grams, heads=1, ridge=1e-12)
     out = lambda i, v: v @ states[i]["a.to_out.0.weight"].T + states[i]["a.to_out.0.bias"]
     assert torch.allclose(out(1, Vv[:2]), out(0, V[:2]), atol=1e-8) and torch.equal(Vv[2:], V[2:])
