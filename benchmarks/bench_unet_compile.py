@@ -13,14 +13,10 @@ import torch
 from difflab.models import load_pipeline
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=8, help="instance + class images per step (customize: 4 + 4)")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=3)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+def customize_unet(threads: int, batch: int):
+    """The shapes UNet as customize trains it (cross-attention K/V trainable, everything else frozen) and one fixed
+    batch (latents, timesteps, text features). Shared with bench_unet_kernels.py."""
+    torch.set_num_threads(threads)
     pipe = load_pipeline("shapes")
     unet = pipe.unet.train().requires_grad_(False)
     for name, m in unet.named_modules():
@@ -29,23 +25,40 @@ def main():
             m.to_v.weight.requires_grad_(True)
     c = unet.config
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(a.batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
-    cond = torch.randn(a.batch, pipe.tokenizer.model_max_length, c.cross_attention_dim, generator=g)
-    t = torch.randint(0, 1000, (a.batch,), generator=g)
+    z = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    cond = torch.randn(batch, pipe.tokenizer.model_max_length, c.cross_attention_dim, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    return unet, z, t, cond
+
+
+def median_ms(f, z, t, cond, steps: int) -> float:
+    """Median ms of one forward + backward of f (a UNet or its compiled form) after 5 warm-up steps."""
+    def step():
+        f(z, t, cond).sample.float().pow(2).mean().backward()
+        for p in f.parameters():
+            p.grad = None
+    for _ in range(5):
+        step()
+    ts = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2] * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=8, help="instance + class images per step (customize: 4 + 4)")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    unet, z, t, cond = customize_unet(a.threads, a.batch)
 
     def step(f):
         f(z, t, cond).sample.float().pow(2).mean().backward()
         unet.zero_grad(set_to_none=True)
-
-    def median_ms(f):
-        for _ in range(5):
-            step(f)
-        ts = []
-        for _ in range(a.steps):
-            t0 = time.perf_counter()
-            step(f)
-            ts.append(time.perf_counter() - t0)
-        return sorted(ts)[len(ts) // 2] * 1e3
 
     t0 = time.perf_counter()
     compiled = torch.compile(unet)
@@ -55,7 +68,7 @@ def main():
         print(f"max |eager - compiled| output: {(unet(z, t, cond).sample - compiled(z, t, cond).sample).abs().max():.2e}")
     print("\n| round | eager ms/step | compiled ms/step | ratio |\n|---|---|---|---|")
     for r in range(a.rounds):
-        e, k = median_ms(unet), median_ms(compiled)
+        e, k = median_ms(unet, z, t, cond, a.steps), median_ms(compiled, z, t, cond, a.steps)
         print(f"| {r} | {e:.1f} | {k:.1f} | {k / e:.2f} |")
 
 

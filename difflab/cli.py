@@ -234,8 +234,9 @@ def merge(runs, model, out, qo_from):
     """Merge Custom Diffusion runs trained separately, in closed form (tokens become <new1>, <new2>, ...).
 
     K/V are solved by the paper's eq. 4. Runs that trained all of cross-attention (--params xattn) merge too: one
-    run's q/out are kept (--qo-from) and the other runs' K/V targets are carried into that frame first, so each
-    concept's cross-attention output stays what its run made of it. Only the changed weights are saved."""
+    run's q/out are kept (--qo-from) and the other runs' K/V targets are carried into that frame first (in closed
+    form, then fitted so that each concept's cross-attention output, on the features its run sees while drawing it,
+    stays what its run made of it). Only the changed weights are saved."""
     from difflab.customize import merge_runs
     if len(runs) < 2:
         raise DifflabError("merge needs at least two runs")

@@ -389,20 +389,26 @@ def default_reg_prompts(n: int = 200) -> list[str]:
 
 
 # --- closed-form merge (eq. 4) -------------------------------------------------------------------------------
-def merge_matrix(W0: torch.Tensor, C_reg: torch.Tensor, C_tgt: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """argmin_W ||(W - W0) C_reg^T||_F^2  s.t.  W C_tgt^T = V^T   (Kumari et al., eq. 4), in float64:
+def eq4_map(C_reg: torch.Tensor, C_tgt: torch.Tensor) -> torch.Tensor:
+    """M such that eq. 4's solution is W = W0 + (V^T - W0 C_tgt^T) M: linear in the targets V (float64).
 
-
-        C = C_reg^T C_reg,  D = C_tgt C^-1,  W = W0 + (V^T - W0 C_tgt^T) (D C_tgt^T)^-1 D
-
-    W0 (o, d), C_reg (n, d) regularisation text features, C_tgt (m, d) target features, V (m, o) = rows W_i c."""
-    W0, C_reg, C_tgt, V = (t.double() for t in (W0, C_reg, C_tgt, V))
+        C = C_reg^T C_reg,  D = C_tgt C^-1,  M = (D C_tgt^T)^-1 D"""
+    C_reg, C_tgt = C_reg.double(), C_tgt.double()
     C = C_reg.T @ C_reg
     # A tiny ridge (1e-6 of the mean eigenvalue) keeps C invertible when the regularisation features do not span
     # every direction (a LayerNorm output without bias lies in a (d-1)-dim subspace); constraints stay exact.
     C = C + 1e-6 * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
     D = torch.linalg.solve(C, C_tgt.T).T            # C_tgt C^-1 (C is symmetric)
-    return (W0 + (V.T - W0 @ C_tgt.T) @ torch.linalg.solve(D @ C_tgt.T, D)).float()
+    return torch.linalg.solve(D @ C_tgt.T, D)
+
+
+def merge_matrix(W0: torch.Tensor, C_reg: torch.Tensor, C_tgt: torch.Tensor, V: torch.Tensor,
+                 M: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin_W ||(W - W0) C_reg^T||_F^2  s.t.  W C_tgt^T = V^T   (Kumari et al., eq. 4), in float64.
+    W0 (o, d), C_reg (n, d) regularisation text features, C_tgt (m, d) target features, V (m, o) = rows W_i c;
+    M = eq4_map(C_reg, C_tgt) when the caller has it."""
+    W0, V = W0.double(), V.double()
+    return (W0 + (V.T - W0 @ C_tgt.double().T) @ (eq4_map(C_reg, C_tgt) if M is None else M)).float()
 
 
 def _independent_rows(C: torch.Tensor, rel_tol: float = 0.1) -> list[int]:
@@ -437,35 +443,57 @@ def text_features(pipe, prompts: list[str], skip_start: bool = True, padding: bo
     return torch.cat(rows)
 
 
+# Carrying a run's K/V into another run's q/out frame (`merge`). The closed-form first guess is ill-conditioned
+# (W_out's smallest singular values are ~1e-3 of its largest): without a ridge the targets blow up (joint accuracy
+# 0.81 -> 0.09); FRAME_RIDGE was chosen on one pair of runs (heart + moon, both --params xattn, evaluation seeds:
+# 0.003 -> heart 0.31, 0.01 -> 0.78, 0.03 -> 0.81, 0.1 -> 0.63). On a re-seeded pair the first guess lost the heart
+# (0.00): in the middle layers its outputs' squared error was 0.95-1.43 of their variance. FIT_ITERS Adam steps on
+# the target rows (FIT_REG weighs how far captions without a token move from the first guess) brought the heart
+# back (0.72 on the evaluation seeds). docs/BENCHMARKS.md, session 10.
+FRAME_RIDGE = 0.03
+FIT_ITERS = 300
+FIT_REG = 1.0
+
+
 @torch.no_grad()
-def input_grams(pipe, modules: list[str], prompts: list[str], n: int = 8, seed: int = 90_000) -> dict[str, torch.Tensor]:
-    """E[x x^T] over every position, denoising step and guidance branch at which each named UNet Linear layer
-    runs while the pipeline generates n images per prompt: what the layer's inputs look like there."""
+def attention_inputs(pipe, layers: list[str], prompts: list[str], n: int = 8, seed: int = 90_000,
+                     max_positions: int = 64) -> dict:
+    """(image features, text features) entering each named cross-attention, conditional branch only, at every
+    denoising step while the pipeline generates n images per prompt: {layer: (X (calls*b, N, C), E (calls*b, P, d))}.
+    Layers with more than `max_positions` image positions keep a seeded random subset of them (a 512 px SD model's
+    first layers have 4,096), so that the record stays small."""
     from difflab.generate import generate_images
     found = dict(pipe.unet.named_modules())
-    sums: dict[str, torch.Tensor] = {}
-    counts = dict.fromkeys(modules, 0)
+    got = {m: ([], []) for m in layers}
+    g = torch.Generator().manual_seed(seed)
 
     def hook_for(name):
-        def hook(_m, inp):
-            x = inp[0].reshape(-1, inp[0].shape[-1]).double().cpu()
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] += len(x)
+        def hook(_m, args, kwargs):
+            x, e = args[0] if args else kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+            half = len(x) // 2   # the pipeline batches [unconditional, conditional]
+            x = x[half:].float().cpu()
+            if x.shape[1] > max_positions:
+                x = x[:, torch.randperm(x.shape[1], generator=g)[:max_positions]]
+            got[name][0].append(x)
+            got[name][1].append(e[half:].float().cpu())
         return hook
-    handles = [found[m].register_forward_pre_hook(hook_for(m)) for m in modules]
+    handles = [found[m].register_forward_pre_hook(hook_for(m), with_kwargs=True) for m in layers]
     try:
         generate_images(pipe, prompts, n=n, seed=seed, progress=False)
     finally:
         for h in handles:
             h.remove()
-    return {m: sums[m] / counts[m] for m in modules}
+    return {m: (torch.cat(xs), torch.cat(es)) for m, (xs, es) in got.items()}
 
 
-# Ridge of the frame change in `_into_frame`, relative to the mean eigenvalue: W_out and the per-head query maps are
-# ill-conditioned (smallest singular values ~1e-3 of the largest), so an exact inverse blows target rows up (merged
-# drift: joint accuracy 0.81 -> 0.09). Chosen on the evaluation seeds (heart + moon, both --params xattn): 0.003 ->
-# heart 0.31, 0.01 -> 0.78, 0.03 -> 0.81, 0.1 -> 0.63 (docs/BENCHMARKS.md, session 10).
-FRAME_RIDGE = 0.03
+def _attend(X, E, Wq, Wk, Wv, Wo, bo, heads: int) -> torch.Tensor:
+    """Cross-attention as diffusers computes it (no biases on q/k/v, softmax(q k^T / sqrt(head dim)) v, to_out)."""
+    B, N, _ = X.shape
+    q, k, v = X @ Wq.T, E @ Wk.T, E @ Wv.T
+    hd = q.shape[-1] // heads
+    split = lambda t: t.view(B, t.shape[1], heads, hd).transpose(1, 2)
+    h = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    return h.transpose(1, 2).reshape(B, N, heads * hd) @ Wo.T + bo
 
 
 class _state:
@@ -485,36 +513,104 @@ class _state:
         self._set({})
 
 
-def _into_frame(name: str, V: torch.Tensor, owner, taken: int, states: list[dict], base: dict, q_grams: dict,
-                heads: int, ridge: float = FRAME_RIDGE) -> torch.Tensor:
-    """Carry K/V target rows of runs trained with their own (or the base's) query / output projections into the
-    frame of the run whose q/out the merge keeps, so that each concept's cross-attention output stays its own.
+def _into_frame(kind: str, V: torch.Tensor, rows: torch.Tensor, own: list[torch.Tensor], kept: list[torch.Tensor],
+                G: torch.Tensor, heads: int, ridge: float = FRAME_RIDGE) -> torch.Tensor:
+    """The closed-form first guess: carry K/V target rows (`rows` of V) of a run trained with its own (or the
+    base's) q/out = [W_q, W_out, b_out] into the frame of the kept ones, so its cross-attention output stays its own.
 
     Values: the output is W_out sum_j a_j v_j + b with sum_j a_j = 1, so v' with W_out,t v' + b_t = W_out,i v + b_i
     keeps it row by row. Keys: k'_h = argmin E_x ((W_q,t x)_h . k' - (W_q,i x)_h . k_h)^2 over the inputs x the
     queries read (Gram G; per head h, A = W_q[h rows]), i.e. (A_t G A_t^T) k' = A_t G A_i^T k_h. Both solved with a
     ridge towards the run's own row (`ridge` x the mean eigenvalue): the matrices are ill-conditioned."""
-    attn, kind = name.rsplit(".", 2)[0], name.rsplit(".", 2)[1]
-    get = lambda i, n: states[i].get(f"{attn}.{n}", base.get(f"{attn}.{n}")).double().cpu()
+    (Ai, Wi, bi), (At, Wt, bt) = ([t.double().cpu() for t in m] for m in (own, kept))
     V = V.clone()
-    for i in sorted(set(owner.tolist()) - {taken}):
-        rows = torch.as_tensor(owner == i)
-        if kind == "to_v":
-            Wt, bt = get(taken, "to_out.0.weight"), get(taken, "to_out.0.bias")
-            Wi, bi = get(i, "to_out.0.weight"), get(i, "to_out.0.bias")
-            A, Y = Wt.T @ Wt, (V[rows] @ Wi.T + bi - bt) @ Wt
-            mu = ridge * A.diagonal().mean() * torch.eye(len(A), dtype=A.dtype)
-            V[rows] = torch.linalg.solve(A + mu, (Y + V[rows] @ mu).T).T
-        elif i in q_grams:
-            G, At, Ai = q_grams[i][f"{attn}.to_q"], get(taken, "to_q.weight"), get(i, "to_q.weight")
-            hd = At.shape[0] // heads
-            for h in range(heads):
-                sl = slice(h * hd, (h + 1) * hd)
-                a, b = At[sl], Ai[sl]
-                A = a @ G @ a.T
-                mu = ridge * A.diagonal().mean() * torch.eye(len(A), dtype=A.dtype)
-                V[rows, sl] = torch.linalg.solve(A + mu, (V[rows, sl] @ (a @ G @ b.T + mu).T).T).T
+    if kind == "to_v":
+        A, Y = Wt.T @ Wt, (V[rows] @ Wi.T + bi - bt) @ Wt
+        mu = ridge * A.diagonal().mean() * torch.eye(len(A), dtype=A.dtype)
+        V[rows] = torch.linalg.solve(A + mu, (Y + V[rows] @ mu).T).T
+        return V
+    hd = At.shape[0] // heads
+    for h in range(heads):
+        sl = slice(h * hd, (h + 1) * hd)
+        a, b = At[sl], Ai[sl]
+        A = a @ G @ a.T
+        mu = ridge * A.diagonal().mean() * torch.eye(len(A), dtype=A.dtype)
+        V[rows, sl] = torch.linalg.solve(A + mu, (V[rows, sl] @ (a @ G @ b.T + mu).T).T).T
     return V
+
+
+def _fit_targets(T: dict, free: torch.Tensor, W0: dict, kept: list[torch.Tensor], data: dict, refs: dict,
+                 maps: dict, heads: int, iters: int = FIT_ITERS, reg: float = FIT_REG, lr: float = 1e-2):
+    """Refine the `free` K/V target rows (T: "to_k"/"to_v" -> (m, o)) by gradient descent so that the merged layer
+    (eq. 4 given the targets, with the kept q/out) gives each run's own cross-attention output `refs[i]` on the
+    inputs `data[i]` = (X, E) that run sees while drawing its concept; plus `reg` x how far the captions without a
+    token (their Gram G_reg) move from the first guess. Returns (targets, relative output error first, last)."""
+    rows = {k: T[k][free].float().clone().requires_grad_(True) for k in T}
+    opt = torch.optim.Adam(rows.values(), lr=lr)
+    C_tgt, M, G = maps["C_tgt"], maps["M"], maps["G_reg"]
+
+    def weights():
+        out = {}
+        for k in T:
+            t = T[k].float().clone()
+            t[free] = rows[k]
+            out[k] = W0[k] + (t.T - W0[k] @ C_tgt.T) @ M      # eq. 4, linear in the targets
+        return out
+
+    def output_error(W):
+        return sum(((_attend(X, E, kept[0], W["to_k"], W["to_v"], kept[1], kept[2], heads) - refs[i]) ** 2).mean()
+                   / refs[i].var() for i, (X, E) in data.items()) / len(data)
+    with torch.no_grad():
+        W_first = weights()
+        first = float(output_error(W_first))
+    for _ in range(iters):
+        W = weights()
+        moved = sum((((W[k] - W_first[k]) @ G) * (W[k] - W_first[k])).sum() / ((W0[k] @ G) * W0[k]).sum() for k in W)
+        loss = output_error(W) + reg * moved
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        last = float(output_error(weights()))
+    out = {k: T[k].clone() for k in T}
+    for k in out:
+        out[k][free] = rows[k].detach().to(out[k])
+    return out, first, last
+
+
+def carry_targets(pipe, states: list[dict], base: dict, taken: int, T: dict, owner, concept_prompts: list[list[str]],
+                  maps: dict) -> tuple[dict, dict]:
+    """K/V targets of every run but `taken` carried into its q/out frame: the closed-form first guess
+    (`_into_frame`), then `_fit_targets` on the cross-attention inputs each run sees while drawing its concept
+    (16 images per run, conditional branch). Returns (targets, {"carry_error_first", "carry_error_last"}: the
+    relative output error, mean over layers)."""
+    layers = sorted({n.rsplit(".", 2)[0] for n in T})
+    data = {}
+    for i, st in enumerate(states):
+        with _state(pipe, base, st):
+            data[i] = attention_inputs(pipe, layers, concept_prompts[i])
+    free = torch.as_tensor(owner != taken)
+    errs = []
+    for a in layers:
+        heads = pipe.unet.get_submodule(a).heads
+        qo = lambda i: [states[i].get(f"{a}.{n}", base.get(f"{a}.{n}")).float().cpu()
+                        for n in ("to_q.weight", "to_out.0.weight", "to_out.0.bias")]
+        kv = lambda i: [states[i].get(f"{a}.{n}", base.get(f"{a}.{n}")).float().cpu() for n in ("to_k.weight", "to_v.weight")]
+        t = {k: T[f"{a}.{k}.weight"] for k in ("to_k", "to_v")}
+        for i in sorted(set(owner.tolist()) - {taken}):
+            X = data[i][a][0].reshape(-1, data[i][a][0].shape[-1]).double()
+            for k in t:
+                t[k] = _into_frame(k, t[k], torch.as_tensor(owner == i), qo(i), qo(taken), X.T @ X / len(X), heads)
+        with torch.no_grad():
+            refs = {i: _attend(X, E, qo(i)[0], *kv(i), *qo(i)[1:], heads) for i, (X, E) in
+                    ((i, d[a]) for i, d in data.items())}
+        W0 = {k: base[f"{a}.{k}.weight"].float().cpu() for k in t}
+        t, first, last = _fit_targets(t, free, W0, qo(taken), {i: d[a] for i, d in data.items()}, refs, maps, heads)
+        errs.append((first, last))
+        for k in t:
+            T[f"{a}.{k}.weight"] = t[k]
+    return T, {"carry_error_first": float(np.mean([e[0] for e in errs])),
+               "carry_error_last": float(np.mean([e[1] for e in errs]))}
 
 
 def merge(pipe, runs: list[Path], reg_prompts: list[str], reg_padding: bool = True,
@@ -523,7 +619,7 @@ def merge(pipe, runs: list[Path], reg_prompts: list[str], reg_padding: bool = Tr
     order, each K/V matrix solved in closed form so every concept's prompts map as its own run mapped them
     while regularisation prompts change as little as possible. Runs that trained all of cross-attention
     (--params xattn) are allowed: the q/out of run `qo_from` (default: the one that changed them most) are kept
-    and the other runs' K/V targets carried into its frame. Changes `pipe`; returns (tokens, info)."""
+    and the other runs' K/V targets carried into its frame (`carry_targets`). Changes `pipe`; returns (tokens, info)."""
     cfgs = [json.loads((Path(r) / CONFIG_NAME).read_text()) if (Path(r) / CONFIG_NAME).exists() else {} for r in runs]
     bases = {c.get("base") for c in cfgs if c}
     if len(bases) > 1:
@@ -534,7 +630,7 @@ def merge(pipe, runs: list[Path], reg_prompts: list[str], reg_padding: bool = Tr
     # have no closed-form merge (the paper merges K/V only). Measured on heart + moon (docs/BENCHMARKS.md): adding
     # both runs' q/out changes, heart 1.00 -> 0.47; RegMean on q/out (Jin et al. 2023), moon 0.94 -> 0.41 (the moon
     # needs q, k, v and out together); one run's q/out kept as trained, heart 0.88 -> 0.50. So one run's q/out are
-    # kept and every other run's K/V targets are carried into that frame (`_into_frame`) before eq. 4.
+    # kept and every other run's K/V targets are carried into that frame (`carry_targets`) before eq. 4.
     kv = [n for n in names if ".to_k." in n or ".to_v." in n]
     own = {n: [i for i, (st, _) in enumerate(loaded) if n in st] for n in names if n not in kv}
     base = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if n in names}
@@ -569,7 +665,7 @@ def merge(pipe, runs: list[Path], reg_prompts: list[str], reg_padding: bool = Tr
     C_tgt, owner = C_all[keep], owner_all[keep]
     residual = 0.0
     params = dict(pipe.unet.named_parameters())
-    taken, q_grams = None, {}
+    taken, solved, carry = None, {}, {}
     if own:   # keep one run's q/out (qo_from, or the run that changed them most); carry the others into its frame
         change = [sum(float((st[n].double() - base[n].double()).norm() ** 2 / base[n].double().norm() ** 2)
                       for n in own if n in st) for st, _ in loaded]
@@ -577,26 +673,22 @@ def merge(pipe, runs: list[Path], reg_prompts: list[str], reg_padding: bool = Tr
         if not 0 <= taken < len(runs):
             raise DifflabError(f"qo_from {taken} is not a run index (0 .. {len(runs) - 1})")
         solved = {n: loaded[taken][0].get(n, base[n]) for n in own}
-        q_layers = sorted({n.rsplit(".", 1)[0] for n in own if ".to_q." in n})
-        for i, (st, _) in enumerate(loaded):   # what each other run's queries read while it draws its concept
-            if i != taken and q_layers:
-                with _state(pipe, base, st):
-                    q_grams[i] = input_grams(pipe, q_layers, concept_prompts[i])
+    M = eq4_map(C_reg, C_tgt)
+    T = {n: torch.stack([loaded[o][0][n].double() @ c.double() for o, c in zip(owner, C_tgt)]) for n in kv}
+    if taken is not None:
+        maps = {"C_tgt": C_tgt.float(), "M": M.float(), "G_reg": (C_reg.double().T @ C_reg.double() / len(C_reg)).float()}
+        T, carry = carry_targets(pipe, [st for st, _ in loaded], base, taken, T, owner, concept_prompts, maps)
     with torch.no_grad():
         for n in own:
             params[n].copy_(solved[n].to(params[n]))
         for n in kv:
-            W0 = base[n].cpu().double()
-            V = torch.stack([loaded[o][0][n].double() @ c.double() for o, c in zip(owner, C_tgt)])
-            if taken is not None:
-                V = _into_frame(n, V, owner, taken, [st for st, _ in loaded], base, q_grams,
-                                pipe.unet.get_submodule(n.rsplit(".", 2)[0]).heads)
-            W = merge_matrix(W0, C_reg, C_tgt, V)
-            residual = max(residual, float((W.double() @ C_tgt.double().T - V.T).abs().max() / V.abs().max()))
+            W = merge_matrix(base[n].cpu(), C_reg, C_tgt, T[n], M)
+            residual = max(residual, float((W.double() @ C_tgt.double().T - T[n].T.double()).abs().max()
+                                           / T[n].abs().max()))
             params[n].copy_(W.to(params[n]))
     return tokens, {"constraint_residual": residual, "constraints": len(keep), "merged_layers": len(kv),
                     "taken_layers": len(own), "reg_rows": len(C_reg),
-                    "qo_from": None if taken is None else str(runs[taken])}
+                    "qo_from": None if taken is None else str(runs[taken]), **carry}
 
 
 # --- runs: train / merge into a folder, measured on the shapes world -----------------------------------------

@@ -158,25 +158,44 @@ def test_merge_two_runs(tiny_pipeline_dir, tmp_path):
 def test_into_frame_keeps_each_runs_attention_output():
     """With a negligible ridge, a value row carried into the kept run's frame gives the same output through that
     run's W_out as the original row through its own; a key row gives the same logits for every query input."""
-    import numpy as np
-
     from difflab.customize import _into_frame
     g = torch.Generator().manual_seed(0)
     d = 6
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
-    eye = torch.eye(d, dtype=torch.float64)
-    states = [{f"a.{k}": rnd(d, d) + 3 * eye for k in ("to_out.0.weight", "to_q.weight")} | {"a.to_out.0.bias": rnd(d)}
-              for _ in range(2)]
-    owner = np.array([0, 0, 1, 1])
-    V = rnd(4, d)
-    grams = {0: {"a.to_q": eye}}
-    Vv = _into_frame("a.to_v.weight", V, owner, 1, states, {}, grams, heads=1, ridge=1e-12)
-    out = lambda i, v: v @ states[i]["a.to_out.0.weight"].T + states[i]["a.to_out.0.bias"]
-    assert torch.allclose(out(1, Vv[:2]), out(0, V[:2]), atol=1e-8) and torch.equal(Vv[2:], V[2:])
-    Vk = _into_frame("a.to_k.weight", V, owner, 1, states, {}, grams, heads=1, ridge=1e-12)
+    own, kept = ([rnd(d, d) + 3 * torch.eye(d, dtype=torch.float64), rnd(d, d) + 3 * torch.eye(d, dtype=torch.float64),
+                  rnd(d)] for _ in range(2))   # [W_q, W_out, b_out]
+    V, rows = rnd(4, d), torch.tensor([True, True, False, False])
+    G = torch.eye(d, dtype=torch.float64)
+    Vv = _into_frame("to_v", V, rows, own, kept, G, heads=1, ridge=1e-12)
+    out = lambda m, v: v @ m[1].T + m[2]
+    assert torch.allclose(out(kept, Vv[:2]), out(own, V[:2]), atol=1e-8) and torch.equal(Vv[2:], V[2:])
+    Vk = _into_frame("to_k", V, rows, own, kept, G, heads=1, ridge=1e-12)
     x = rnd(10, d)
-    logits = lambda i, k: (x @ states[i]["a.to_q.weight"].T) @ k.T
-    assert torch.allclose(logits(1, Vk[:2]), logits(0, V[:2]), atol=1e-8) and torch.equal(Vk[2:], V[2:])
+    logits = lambda m, k: (x @ m[0].T) @ k.T
+    assert torch.allclose(logits(kept, Vk[:2]), logits(own, V[:2]), atol=1e-8) and torch.equal(Vk[2:], V[2:])
+
+
+def test_fit_targets_lowers_the_carried_output_error():
+    """Where the closed-form carry is only approximate (8 heads: keys in least squares), the fitted target rows give
+    outputs closer to the run's own, and the kept run's rows are left alone."""
+    from difflab.customize import _attend, _fit_targets, eq4_map
+    g = torch.Generator().manual_seed(1)
+    d, o, heads = 16, 16, 4
+    rnd = lambda *s: torch.randn(*s, generator=g)
+    C_reg, C_tgt = rnd(40, d), rnd(6, d)
+    M = eq4_map(C_reg, C_tgt).float()
+    W0 = {"to_k": rnd(o, d) / 4, "to_v": rnd(o, d) / 4}
+    own = [rnd(o, d) / 4, rnd(o, o) / 4 + torch.eye(o), rnd(o) / 4]
+    kept = [rnd(o, d) / 4, rnd(o, o) / 4 + torch.eye(o), rnd(o) / 4]
+    free = torch.tensor([True] * 3 + [False] * 3)
+    X, E = rnd(8, 10, d), C_tgt[None].expand(8, -1, -1).contiguous()
+    Wk_own, Wv_own = W0["to_k"] + rnd(o, d) / 4, W0["to_v"] + rnd(o, d) / 4
+    refs = {0: _attend(X, E, own[0], Wk_own, Wv_own, own[1], own[2], heads)}
+    T = {"to_k": C_tgt @ Wk_own.T, "to_v": C_tgt @ Wv_own.T}
+    maps = {"C_tgt": C_tgt, "M": M, "G_reg": C_reg.T @ C_reg / len(C_reg)}
+    fitted, first, last = _fit_targets(T, free, W0, kept, {0: (X, E)}, refs, maps, heads, iters=200, reg=0.0)
+    assert last < 0.5 * first
+    assert all(torch.equal(fitted[k][~free], T[k][~free]) for k in T)
 
 
 def test_customize_cli_run_folder_and_adapter(tiny_pipeline_dir, tmp_path):
