@@ -237,7 +237,7 @@ def merge(runs, model, out, qo_from):
     run's q/out are kept (--qo-from) and the other runs' K/V targets are carried into that frame first (in closed
     form, then fitted so that each concept's cross-attention output, on the features its run sees while drawing it,
     stays what its run made of it). Only the changed weights are saved."""
-    from difflab.customize import merge_runs
+    from difflab.merge import merge_runs
     if len(runs) < 2:
         raise DifflabError("merge needs at least two runs")
     if qo_from is not None and qo_from > len(runs):

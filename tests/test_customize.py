@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.customize import (Concept, CustomizeConfig, apply_weights, kv_output_penalty, merge, merge_matrix,
-                               read_weights, save_weights, train_concepts)
+from difflab.customize import (Concept, CustomizeConfig, apply_weights, kv_output_penalty, read_weights, save_weights,
+                               train_concepts)
 from difflab.errors import DifflabError
+from difflab.merge import merge, merge_matrix
 from safetensors.torch import load_file
 
 
@@ -158,7 +159,7 @@ def test_merge_two_runs(tiny_pipeline_dir, tmp_path):
 def test_into_frame_keeps_each_runs_attention_output():
     """With a negligible ridge, a value row carried into the kept run's frame gives the same output through that
     run's W_out as the original row through its own; a key row gives the same logits for every query input."""
-    from difflab.customize import _into_frame
+    from difflab.merge import _into_frame
     g = torch.Generator().manual_seed(0)
     d = 6
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
@@ -178,7 +179,7 @@ def test_into_frame_keeps_each_runs_attention_output():
 def test_fit_targets_lowers_the_carried_output_error():
     """Where the closed-form carry is only approximate (8 heads: keys in least squares), the fitted target rows give
     outputs closer to the run's own, and the kept run's rows are left alone."""
-    from difflab.customize import _attend, _fit_targets, eq4_map
+    from difflab.merge import _attend, _fit_targets, eq4_map
     g = torch.Generator().manual_seed(1)
     d, o, heads = 16, 16, 4
     rnd = lambda *s: torch.randn(*s, generator=g)
