@@ -12,6 +12,12 @@ Both train the shipped shapes pipeline on the same 8 held-out-shape images and t
 batch 4 instance + 4 class, K/V + one modifier token, prior preservation, augmentation on, fp32. Time per step is
 the difference between a long and a short run divided by the extra steps (start-up cancels), median of repeats,
 each pair measured back to back.
+
+On a GPU (both trainers run on accelerate's device, cuda) difflab is timed twice: as it runs by default (the
+UNet's forward and backward replayed as CUDA graphs, core/graphs.py) and eagerly (`cuda_graphs=False`), e.g.
+
+    python benchmarks/bench_customize_peer.py --peer-python python3 --peer-script train_custom_diffusion.py \
+        --threads 8 --repeats 3 --short 50 --long 550
 """
 import argparse
 import json
@@ -22,9 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-SHORT, LONG = 20, 220   # the peer's start-up varies by seconds: the difference needs many steps
-
 
 def peer_seconds(a, steps: int, inst: Path, cls: Path, out: Path) -> float:
     from difflab.models import WEIGHTS
@@ -43,11 +46,11 @@ def peer_seconds(a, steps: int, inst: Path, cls: Path, out: Path) -> float:
     return time.perf_counter() - t
 
 
-def difflab_seconds(steps: int, inst: Path, work: Path) -> float:
+def difflab_seconds(steps: int, inst: Path, work: Path, cuda_graphs: bool = True) -> float:
     from difflab.customize import Concept, CustomizeConfig, train_concepts
     from difflab.models import load_pipeline
     pipe = load_pipeline("shapes")
-    cfg = CustomizeConfig(steps=steps, batch_size=4, num_class_images=64, progress=False)
+    cfg = CustomizeConfig(steps=steps, batch_size=4, num_class_images=64, progress=False, cuda_graphs=cuda_graphs)
     t = time.perf_counter()
     train_concepts(pipe, [Concept(str(inst))], cfg, work=work)
     return time.perf_counter() - t
@@ -60,7 +63,11 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench-peer"))
+    # the peer's start-up varies by seconds: the difference needs many steps
+    ap.add_argument("--short", type=int, default=20, help="steps of the short run")
+    ap.add_argument("--long", type=int, default=220, help="steps of the long run")
     a = ap.parse_args()
+    SHORT, LONG = a.short, a.long
     import torch
 
     from difflab.customize import CustomizeConfig, class_latents
@@ -79,23 +86,30 @@ def main():
         for i, im in enumerate(images):
             im.save(cls / f"{i:03d}.png")
     class_latents(load_pipeline("shapes"), ["a shape"], 64, CustomizeConfig(), work / "class" / "0.safetensors")
-    per = {"difflab": [], "peer": []}
+    gpu = torch.cuda.is_available()
+    runs = {"peer": lambda s, tmp: peer_seconds(a, s, inst, cls, Path(tmp) / f"p{s}"),
+            "difflab": lambda s, tmp: difflab_seconds(s, inst, work)}
+    if gpu:
+        runs["difflab, eager UNet"] = lambda s, tmp: difflab_seconds(s, inst, work, cuda_graphs=False)
+    per = {k: [] for k in runs}
     for r in range(a.repeats):
-        with tempfile.TemporaryDirectory() as tmp:
-            p = [peer_seconds(a, s, inst, cls, Path(tmp) / f"p{s}") for s in (SHORT, LONG)]
-        d = [difflab_seconds(s, inst, work) for s in (SHORT, LONG)]
-        per["peer"].append((p[1] - p[0]) / (LONG - SHORT))
-        per["difflab"].append((d[1] - d[0]) / (LONG - SHORT))
-        print(f"repeat {r}: difflab {per['difflab'][-1] * 1e3:.1f} ms/step, peer {per['peer'][-1] * 1e3:.1f} ms/step",
-              flush=True)
+        for k, fn in runs.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                t = [fn(s, tmp) for s in (SHORT, LONG)]
+            per[k].append((t[1] - t[0]) / (LONG - SHORT))
+        print(f"repeat {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.1f} ms/step" for k, v in per.items()), flush=True)
     med = {k: statistics.median(v) for k, v in per.items()}
-    print(f"\ntorch {torch.__version__}, {a.threads} threads, batch 4 + 4 class, 32 px, K/V + token, "
-          f"median of {a.repeats}\n")
+    device = torch.cuda.get_device_name() if gpu else f"CPU, {a.threads} threads"
+    print(f"\n{device}, torch {torch.__version__}, batch 4 + 4 class, 32 px, K/V + token, "
+          f"{LONG} - {SHORT} steps, median of {a.repeats}\n")
     print("| trainer | ms / step | ratio |\n|---|---|---|")
     print(f"| diffusers train_custom_diffusion.py | {med['peer'] * 1e3:.1f} | 1.00 |")
-    print(f"| difflab customize | {med['difflab'] * 1e3:.1f} | {med['difflab'] / med['peer']:.2f} |")
-    (a.out / "results.json").write_text(json.dumps({"per_repeat_s": per, "median_s": med,
-                                                    "ratio": med["difflab"] / med["peer"]}, indent=2))
+    for k in runs:
+        if k != "peer":
+            print(f"| {k} | {med[k] * 1e3:.1f} | {med[k] / med['peer']:.2f} |")
+    (a.out / "results.json").write_text(json.dumps({"device": device, "torch": torch.__version__,
+                                                    "steps": [SHORT, LONG], "per_repeat_s": per, "median_s": med,
+                                                    "ratio": {k: med[k] / med["peer"] for k in runs}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -192,9 +192,12 @@ def generate(model, prompts, prompts_file, n, seed, steps, guidance, adapters, s
 @click.option("--feature-reg-prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Captions (one per line) for --feature-reg (default: 200 shapes-world captions).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-cuda-graphs", is_flag=True,
+              help="On a GPU, run the UNet eagerly instead of replaying its forward and backward as CUDA graphs.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def customize(model, images, tokens, class_prompts, concepts_file, captions, steps, lr, batch_size, params,
-              num_class_images, no_augment, token_lr, reg_prompts, feature_reg, feature_reg_prompts, seed, out):
+              num_class_images, no_augment, token_lr, reg_prompts, feature_reg, feature_reg_prompts, seed,
+              no_cuda_graphs, out):
     """Custom Diffusion: teach the model new concepts from a few images (K/V + a modifier token each).
 
     OUT gets the weights in diffusers' Custom Diffusion format, config.json and metrics.json (on the shapes
@@ -218,7 +221,7 @@ def customize(model, images, tokens, class_prompts, concepts_file, captions, ste
     reg = _lines(reg_prompts, "--reg-prompts")
     cfg = CustomizeConfig(steps=steps, lr=lr, batch_size=batch_size, params=params, num_class_images=num_class_images,
                           augment=not no_augment, seed=seed, token_lr=token_lr, reg_prompts=reg,
-                          feature_reg=feature_reg,
+                          feature_reg=feature_reg, cuda_graphs=not no_cuda_graphs,
                           feature_reg_prompts=_lines(feature_reg_prompts, "--feature-reg-prompts"))
     click.echo(json.dumps(run(model, concepts, out, cfg), indent=2))
 

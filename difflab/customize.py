@@ -62,6 +62,7 @@ class CustomizeConfig:
     class_guidance: float = 5.0
     seed: int = 0
     progress: bool = True
+    cuda_graphs: bool = True          # on a GPU, replay the UNet's forward and backward as CUDA graphs (core/graphs.py)
     extra: dict = field(default_factory=dict)
 
 
@@ -293,6 +294,9 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
     hooks += detach_start_token(pipe.unet)
     f = pipe.vae_scale_factor
     feature_penalty = kv_output_penalty(pipe, params, cfg) if cfg.feature_reg else None
+    from difflab.core.graphs import GraphedUNet
+    unet = GraphedUNet(pipe.unet, enabled=cfg.cuda_graphs)   # the plain UNet on the CPU
+    frozen_text = {}   # embeddings of prompts without a token: fixed while only the token rows train
 
     def batch_fn(i):
         rng = np.random.default_rng([cfg.seed, i])
@@ -320,10 +324,11 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
         with torch.no_grad():
             z = pipe.vae.encode(x.to(vae_w.device, vae_w.dtype)).latent_dist.sample(g).float()
             z = z * pipe.vae.config.scaling_factor
-        c, add = conditioning.encode_deduplicated(pipe, texts + ctexts, lambda t: any(tk in t for tk in tokens))
+        c, add = conditioning.encode_deduplicated(pipe, texts + ctexts, lambda t: any(tk in t for tk in tokens),
+                                                  cache=frozen_text)
         n = len(texts)
         x0 = torch.cat([z, zc.to(z)])
-        per = diffusion_loss(pipe.unet, sched, x0, c, mask=torch.cat([m, torch.ones_like(m)]).to(z),
+        per = diffusion_loss(unet, sched, x0, c, mask=torch.cat([m, torch.ones_like(m)]).to(z),
                              generator=g, added_cond_kwargs=add, reduction="none")
         inst, prior = per[:n].mean(), per[n:].mean()
         loss, logs = inst + cfg.prior_weight * prior, {"instance": inst.item(), "prior": prior.item()}

@@ -192,3 +192,69 @@ def test_deduplicated_encoding_equals_plain_encoding(which, tiny_pipeline_dir, t
     assert torch.allclose(h0, h1, atol=1e-6)
     if which == "sdxl":
         assert all(torch.allclose(a0[k], a1[k], atol=1e-6) for k in a0)
+
+
+def _unet_step(unet, call, x, t, c, add=None):
+    """One forward and backward through `call`: (output, grads of the trained parameters, grad of c)."""
+    c = c.detach().clone().requires_grad_(True)
+    kwargs = {"added_cond_kwargs": add} if add else {}
+    out = call(x, t, c, **kwargs).sample
+    (out.float() ** 2).mean().backward()
+    grads = {n: p.grad.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
+    unet.zero_grad(set_to_none=True)
+    return out.detach().clone(), grads, c.grad.detach().clone()
+
+
+def _kv_unet(pipe, device):
+    unet = pipe.unet.to(device).train()
+    unet.requires_grad_(False)
+    freeze_all_but(unet, select(unet, "xattn_kv"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, unet.config.in_channels, 8, 8, generator=g).to(device)
+    t = torch.tensor([10, 500, 900], device=device)
+    c = torch.randn(3, 77, unet.config.cross_attention_dim, generator=g).to(device)
+    return unet, x, t, c
+
+
+def test_graphed_unet_runs_eagerly_off_the_gpu(tiny_pipeline_dir):
+    from difflab.core.graphs import GraphedUNet
+    from difflab.models import load_pipeline
+    unet, x, t, c = _kv_unet(load_pipeline(tiny_pipeline_dir), "cpu")
+    g = GraphedUNet(unet)
+    a, b = _unet_step(unet, unet, x, t, c), _unet_step(unet, g, x, t, c)
+    assert g.replays == 0 and not g.graphs
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and all(torch.equal(a[1][n], b[1][n]) for n in a[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (benchmarks/device_check.sh runs this)")
+def test_graphed_unet_matches_eager_outputs_and_gradients_on_the_gpu(tiny_pipeline_dir):
+    from difflab.core.graphs import GraphedUNet
+    from difflab.models import load_pipeline
+    unet, x, t, c = _kv_unet(load_pipeline(tiny_pipeline_dir), "cuda")
+    g = GraphedUNet(unet)
+    ref = _unet_step(unet, unet, x, t, c)
+    for k in range(3):   # the first call records the graph, the others replay it, on new inputs each time
+        xk, ck = x * (1 + k), c - k
+        ref = _unet_step(unet, unet, xk, t, ck)
+        got = _unet_step(unet, g, xk, t, ck)
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[2], ref[2], rtol=1e-4, atol=1e-5)
+        for n in ref[1]:
+            torch.testing.assert_close(got[1][n], ref[1][n], rtol=1e-4, atol=1e-5)
+    assert g.replays == 3 and len(g.graphs) == 1
+
+
+def test_deterministic_kernels_hold_inside_and_restore_after():
+    from difflab.core.trainer import deterministic_kernels
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    with deterministic_kernels():
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark) == before
+    with pytest.raises(KeyError), deterministic_kernels():   # restored on error too
+        raise KeyError
+    assert torch.are_deterministic_algorithms_enabled() == before[0]
+    with deterministic_kernels(on=False):
+        assert torch.are_deterministic_algorithms_enabled() == before[0]

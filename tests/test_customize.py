@@ -300,3 +300,41 @@ def test_per_image_captions_train_and_a_caption_without_the_token_fails_clearly(
     ok = CliRunner().invoke(main, args + ["--out", str(tmp_path / "ok")])
     assert ok.exit_code == 0, ok.output
     assert json.loads((tmp_path / "ok" / "config.json").read_text())["concepts"][0]["captions"] is True
+
+
+def test_frozen_prompt_embeddings_are_cached_and_equal_to_fresh_ones(tiny_pipeline_dir):
+    from difflab.core.conditioning import encode, encode_deduplicated
+    pipe = _pipe(tiny_pipeline_dir)
+    calls = []
+    hook = pipe.text_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    cache = {}
+    prompts = ["a <new1> shape", "a shape", "a red circle", "a shape"]
+    needs = lambda p: "<new1>" in p   # noqa: E731
+    for _ in range(2):
+        h, _ = encode_deduplicated(pipe, prompts, needs, cache=cache)
+    hook.remove()
+    with torch.no_grad():
+        ref, _ = encode(pipe, prompts)
+    assert torch.equal(h.detach(), ref) and h.requires_grad
+    assert calls == [1, 2, 1]   # the token prompt every time; the two frozen prompts once
+    assert set(cache) == {("a shape", torch.device("cpu")), ("a red circle", torch.device("cpu"))}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (benchmarks/device_check.sh runs this)")
+def test_training_with_cuda_graphs_follows_eager_training(tiny_pipeline_dir, tmp_path, monkeypatch):
+    import difflab.core.graphs as graphs
+    made = []
+
+    class Spy(graphs.GraphedUNet):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+    monkeypatch.setattr(graphs, "GraphedUNet", Spy)
+    hist = {}
+    for on in (False, True):
+        pipe = _pipe(tiny_pipeline_dir)
+        cfg = CustomizeConfig(steps=8, lr=1e-3, batch_size=2, num_class_images=4, class_steps=2, progress=False,
+                              cuda_graphs=on)
+        hist[on] = train_concepts(pipe, [Concept(str(_images(tmp_path)))], cfg, tmp_path / f"work{on}")
+    assert made[0].replays == 0 and made[1].replays == 8
+    np.testing.assert_allclose(hist[True]["loss"], hist[False]["loss"], rtol=1e-3)

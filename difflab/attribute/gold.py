@@ -108,8 +108,10 @@ def train_small(data: TrainingData, empty: torch.Tensor, scheduler, cfg: GoldCon
         z, c, w, g = b   # the noise and timesteps of all len(idx) images are drawn, kept or not
         return (diffusion_loss(unet, scheduler, z, c, generator=g, reduction="none") * w).sum() / len(w), {}
 
+    # deterministic kernels: on a GPU, retrainings must differ by what they remove, not by CUDA's atomics
     tc = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=min(50, cfg.steps // 10), lr_schedule="cosine",
-                     weight_decay=0.0, seed=cfg.seed, desc="train", progress=progress, log_every=max(1, cfg.steps))
+                     weight_decay=0.0, seed=cfg.seed, desc="train", progress=progress, log_every=max(1, cfg.steps),
+                     deterministic=True)
     train({f"unet.{k}": v for k, v in unet.named_parameters()}, loss_fn, batch_fn, tc, modules=[unet])
     unet.eval().requires_grad_(False)
     return unet

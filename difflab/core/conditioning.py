@@ -47,9 +47,12 @@ def encode(pipe, prompts: list[str], resolution: int | None = None):
     return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids.expand(len(prompts), -1)}
 
 
-def encode_deduplicated(pipe, prompts: list[str], needs_grad=lambda p: True, resolution: int | None = None):
+def encode_deduplicated(pipe, prompts: list[str], needs_grad=lambda p: True, resolution: int | None = None,
+                        cache: dict | None = None):
     """`encode` for a batch with repeated prompts: each distinct prompt runs through the text encoder(s) once,
     and without autograd where `needs_grad(prompt)` is false (e.g. class prompts, which hold no trained token).
+    With `cache` (a dict the caller keeps for one training run) those prompts' embeddings are computed once per
+    device and reused: they cannot change while only token rows they do not contain train.
     Same result as `encode(pipe, prompts)`, at a fraction of the text-encoder cost of a training step."""
     uniq = list(dict.fromkeys(prompts))
     grad = [p for p in uniq if needs_grad(p)]
@@ -58,8 +61,7 @@ def encode_deduplicated(pipe, prompts: list[str], needs_grad=lambda p: True, res
     if grad:
         parts.append(encode(pipe, grad, resolution))
     if rest:
-        with torch.no_grad():
-            parts.append(encode(pipe, rest, resolution))
+        parts.append(_encode_frozen(pipe, rest, resolution, cache))
     hidden = torch.cat([h for h, _ in parts])
     row = {p: i for i, p in enumerate(grad + rest)}
     index = torch.tensor([row[p] for p in prompts], device=hidden.device)
@@ -67,3 +69,21 @@ def encode_deduplicated(pipe, prompts: list[str], needs_grad=lambda p: True, res
     if parts[0][1] is not None:
         add = {k: torch.cat([a[k] for _, a in parts])[index] for k in parts[0][1]}
     return hidden[index], add
+
+
+def _encode_frozen(pipe, prompts: list[str], resolution: int | None, cache: dict | None):
+    """`encode` without autograd, through `cache` ((prompt, device) -> one prompt's outputs) when given."""
+    if cache is None:
+        with torch.no_grad():
+            return encode(pipe, prompts, resolution)
+    device = next(pipe.text_encoder.parameters()).device
+    missing = [p for p in prompts if (p, device) not in cache]
+    if missing:
+        with torch.no_grad():
+            h, a = encode(pipe, missing, resolution)
+        for i, p in enumerate(missing):
+            cache[(p, device)] = (h[i], {k: v[i] for k, v in a.items()} if a is not None else None)
+    got = [cache[(p, device)] for p in prompts]
+    hidden = torch.stack([h for h, _ in got])
+    add = {k: torch.stack([a[k] for _, a in got]) for k in got[0][1]} if got[0][1] is not None else None
+    return hidden, add

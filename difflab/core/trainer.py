@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -44,6 +46,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     desc: str = "train"
+    deterministic: bool = False         # on CUDA: deterministic kernels (see `deterministic_kernels`)
 
 
 def _lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -53,6 +56,29 @@ def _lr_factor(cfg: TrainConfig, step: int) -> float:
         p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
     return 1.0
+
+
+@contextmanager
+def deterministic_kernels(on: bool = True):
+    """Deterministic CUDA kernels while the block runs. CUDA's defaults (atomics in the backward of convolutions,
+    upsampling and attention) make two runs of the same training differ: on an H100, two 4-step retrainings of the
+    gold standard's small UNet differed by up to 1.5e-3 per weight (L2 0.004), against 4.7e-3 (L2 0.32) for
+    removing 5 of its 100 images; with these settings they were bit-identical (docs/BENCHMARKS.md). Off by default:
+    it costs speed, and on the CPU difflab's runs are already reproducible."""
+    if not on:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS's condition for reproducible results
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              cudnn.deterministic, cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)   # (ops with no deterministic kernel warn, not fail)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.deterministic, cudnn.benchmark = before[2], before[3]
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -130,6 +156,7 @@ def train(
     # method's code after training (evaluation, saving) then runs where the caller placed the model
     homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
     modules = [m.to(acc.device) for m in modules]
+    held = ExitStack()   # settings that hold while the loop runs
     try:
         opt = acc.prepare(opt)   # the wrapper applies the fp16 grad scaler and skips steps while accumulating
         world, rank = acc.num_processes, acc.process_index
@@ -152,6 +179,7 @@ def train(
 
         for m in modules:
             m.train()
+        held.enter_context(deterministic_kernels(cfg.deterministic and acc.device.type == "cuda"))
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.desc,
                    disable=not (cfg.progress and acc.is_local_main_process), mininterval=1.0)
         t0, running = time.time(), []
@@ -203,6 +231,7 @@ def train(
         acc.wait_for_everyone()
         return history
     finally:
+        held.close()
         for m, home in zip(modules, homes):
             m.to(home)
 
