@@ -144,7 +144,7 @@ def test_measure_ordinal_draws_every_image_from_its_own_seed(monkeypatch):
     from difflab.sliders.text import measure_ordinal
     seeds = []
 
-    def fake_generate_at(pipe, names, weights, prompt, n, seed, start=0, fixed=((), ())):
+    def fake_generate_at(pipe, names, weights, prompt, n, seed, start=0, fixed=((), ()), end=None):
         seeds.append((weights[0], prompt, list(range(seed, seed + n))))
         return [(prompt, seed + i, weights[0]) for i in range(n)]
 
@@ -166,3 +166,20 @@ def test_measure_ordinal_draws_every_image_from_its_own_seed(monkeypatch):
     assert r["n"] == 8 and r["size_top_gt_bottom"] == 7 / 8 and r["size_monotone"]
     assert r["shape_color_unchanged"] == 0.5 and r["shape_color_unchanged_by_scale"]["+2"] == 0.5
     assert r["shape_color_as_prompted_by_scale"] == {"-2": 1.0, "+0": 1.0, "+2": 0.5}
+
+
+def test_slider_window_switches_on_at_start_and_off_at_end():
+    from difflab.sliders.lora import delayed_start
+
+    class Pipe:
+        weights = None
+
+        def set_adapters(self, names, adapter_weights):
+            self.weights = list(adapter_weights)
+    pipe, seen = Pipe(), []
+    kw = delayed_start(pipe, ["s"], [1.5], start=2, end=4, fixed=(["other"], [0.5]))
+    for i in range(6):   # the weights in force during step i, then the pipeline's callback after it
+        seen.append(pipe.weights[1])
+        kw["callback_on_step_end"](pipe, i, None, {})
+    assert seen == [0.0, 0.0, 1.5, 1.5, 0.0, 0.0] and pipe.weights[0] == 0.5
+    assert delayed_start(pipe, ["s"], [1.5]) == {} and pipe.weights == [1.5]   # no window: on from the start

@@ -16,11 +16,11 @@ SCALES = (-2.0, -1.0, 0.0, 1.0, 2.0)
 
 @torch.no_grad()
 def generate_at(pipe, names: list[str], weights: list[float], prompt: str, n: int, seed: int, start: int = 0,
-                fixed=((), ())):
+                fixed=((), ()), end: int | None = None):
     """n images (seeds seed..seed+n-1) with the named sliders at the given weights, applied from step `start`."""
     from difflab.generate import generate_images
     from difflab.sliders.lora import delayed_start
-    kw = delayed_start(pipe, names, weights, start, fixed)
+    kw = delayed_start(pipe, names, weights, start, fixed, end)
     images, _ = generate_images(pipe, [prompt], n=n, seed=seed, progress=False, pipe_kwargs=kw)
     return images
 

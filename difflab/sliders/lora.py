@@ -136,17 +136,21 @@ def load_sliders(pipe, specs: list[str], prefix: str = "slider") -> tuple[list[s
 
 
 def delayed_start(pipe, names: list[str], scales: list[float], start: int = 0,
-                  fixed: tuple[list[str], list[float]] = ((), ())) -> dict:
+                  fixed: tuple[list[str], list[float]] = ((), ()), end: int | None = None) -> dict:
     """Pipeline kwargs that apply the sliders from denoising step `start` on (steps before keep the base model's
-    layout: Concept Sliders' `start_noise`). The callback fires after a step, so it switches after step start-1.
-    `fixed` adapters (other LoRAs) stay on at their weights throughout."""
+    layout: Concept Sliders' `start_noise`), and, with `end`, only before step `end` (a window; on the shapes
+    model size is settled late, so an early end loses it: docs/BENCHMARKS.md, sliders, session 11). The callback
+    fires after a step, so it switches after step start-1 (and end-1). `fixed` adapters (other LoRAs) stay on
+    at their weights throughout."""
     fn, fw = list(fixed[0]), list(fixed[1])
     pipe.set_adapters(fn + list(names), adapter_weights=fw + (list(scales) if start <= 0 else [0.0] * len(names)))
-    if start <= 0:
+    if start <= 0 and end is None:
         return {}
 
     def on_step_end(p, i, t, kwargs):
         if i == start - 1:
             p.set_adapters(fn + list(names), adapter_weights=fw + list(scales))
+        if end is not None and i == end - 1:
+            p.set_adapters(fn + list(names), adapter_weights=fw + [0.0] * len(names))
         return kwargs
     return {"callback_on_step_end": on_step_end}

@@ -158,9 +158,10 @@ NAMED_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow 
 
 def measure_ordinal(pipe, name: str, prompts, factor: str = "size", order=("small", "medium", "large"),
                     seed: int = 0, n: int = 32, scales=(-2.0, -1.0, 0.0, 1.0, 2.0), oracle=None,
-                    start: int = 0) -> dict:
+                    start: int = 0, end: int | None = None) -> dict:
     """How an ordered factor (size by default) follows the slider's scale, by the oracle over n images (n divided
-    evenly among the prompts, seeds from `seed`, one per image; the slider applied from denoising step `start`):
+    evenly among the prompts, seeds from `seed`, one per image; the slider applied from denoising step `start`,
+    and before step `end` if given):
     the mean level per scale and whether it is monotone; the share of images whose level at the top scale exceeds
     the bottom one; the share whose shape and color are the same at every scale as at scale 0, and per scale;
     where every prompt names a shape and a color, the share drawn as the prompt says, per scale."""
@@ -173,7 +174,7 @@ def measure_ordinal(pipe, name: str, prompts, factor: str = "size", order=("smal
     # each prompt its own seeds (prompt k: seed + k * per ...): the initial noise sets most of an image's layout and
     # size, so prompts sharing seeds would make n images only `per` independent draws
     preds = [[y for k, p in enumerate(prompts)
-              for y in oracle.predict(generate_at(pipe, [name], [s], p, per, seed + k * per, start))]
+              for y in oracle.predict(generate_at(pipe, [name], [s], p, per, seed + k * per, start, end=end))]
              for s in scales]
     n = len(preds[0])
     level = np.array([[order.index(p[factor]) for p in ps] for ps in preds])   # (scales, n)
@@ -185,7 +186,7 @@ def measure_ordinal(pipe, name: str, prompts, factor: str = "size", order=("smal
     out = {f"{factor}_mean_by_scale": label(means), f"{factor}_monotone": bool(np.all(np.diff(means) >= 0)),
            f"{factor}_top_gt_bottom": float(np.mean(level[-1] > level[0])),
            "shape_color_unchanged": float(same.all(0).mean()), "shape_color_unchanged_by_scale": label(same.mean(1)),
-           "n": n, "start": start}
+           "n": n, "start": start, "end": end}
     asked = [parse_prompt(p) for p in prompts for _ in range(per)]
     if all({"shape", "color"} <= set(a) for a in asked):
         ok = [[y["shape"] == a["shape"] and y["color"] == a["color"] for y, a in zip(ps, asked)] for ps in preds]
