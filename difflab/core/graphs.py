@@ -31,7 +31,8 @@ class _Forward(torch.nn.Module):
 
 
 class GraphedUNet:
-    """Calls like `unet(x_t, t, encoder_hidden_states, added_cond_kwargs=...)` and returns `.sample`."""
+    """Calls like `unet(x_t, t, encoder_hidden_states, added_cond_kwargs=...)` and returns `.sample`.
+    Make one per training run: a graph keeps the parameters, and which of them train, as it recorded them."""
 
     def __init__(self, unet, enabled: bool = True, max_graphs: int = 2):
         self.unet, self.enabled, self.max_graphs = unet, enabled, max_graphs
