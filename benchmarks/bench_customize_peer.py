@@ -17,7 +17,7 @@ On a GPU (both trainers run on accelerate's device, cuda) difflab is timed twice
 UNet's forward and backward replayed as CUDA graphs, core/graphs.py) and eagerly (`cuda_graphs=False`), e.g.
 
     python benchmarks/bench_customize_peer.py --peer-python python3 --peer-script train_custom_diffusion.py \
-        --threads 8 --repeats 3 --short 50 --long 550
+        --threads 8 --repeats 2 --short 50 --long 350   # (the H100 figures in docs/BENCHMARKS.md)
 """
 import argparse
 import json
