@@ -12,6 +12,7 @@ by the closed-form constrained least squares of eq. (4) (`difflab.merge`).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -239,6 +240,13 @@ def _load_concept_images(c: Concept, size: int) -> tuple[torch.Tensor, list[str]
     return to_pixels([load_image(f, size) for f in files]), [c.prompt()] * len(files)
 
 
+def regularisation_prompts(c: Concept, cfg: CustomizeConfig) -> list[str]:
+    """The prompts of a concept's class images, image i from prompt i % len. The paper's regularisation images are
+    retrieved for the class name, each with its own caption: here the class prompt makes every other class image
+    and the --reg-prompts captions the rest."""
+    return [q for r in cfg.reg_prompts for q in (c.class_prompt, r)] or [c.class_prompt]
+
+
 @torch.no_grad()
 def class_latents(pipe, prompts: list[str], n: int, cfg: CustomizeConfig, cache: Path | None) -> torch.Tensor:
     """Latents of n images the base model generates, cycling through `prompts` (the regularisation set; the
@@ -253,9 +261,11 @@ def class_latents(pipe, prompts: list[str], n: int, cfg: CustomizeConfig, cache:
     images, _ = generate_images(pipe, cycled, n=1, seed=cfg.seed + 1_000_000, steps=cfg.class_steps,
                                 guidance=cfg.class_guidance, progress=cfg.progress)
     z = encode_latents(pipe.vae, to_pixels(images))
-    if cache is not None:
+    if cache is not None:   # written whole, then renamed: processes sharing a cache never read half a file
         cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"z": z.contiguous()}, cache)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        save_file({"z": z.contiguous()}, tmp)
+        tmp.replace(cache)
     return z
 
 
@@ -270,9 +280,7 @@ def train_concepts(pipe, concepts: list[Concept], cfg: CustomizeConfig, work: Pa
         raise DifflabError("each concept needs its own token (<new1>, <new2>, ...)")
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     data, prompts = zip(*[_load_concept_images(c, size) for c in concepts])
-    # the paper's regularisation images are retrieved for the class name, each with its own caption: here the
-    # class prompt makes every other class image and the --reg-prompts captions the rest
-    class_prompts = [[q for r in cfg.reg_prompts for q in (c.class_prompt, r)] or [c.class_prompt] for c in concepts]
+    class_prompts = [regularisation_prompts(c, cfg) for c in concepts]
     z_class = [class_latents(pipe, cp, cfg.num_class_images, cfg, work / "class" / f"{i}.safetensors" if work else None)
                for i, cp in enumerate(class_prompts)]
     tokens = [c.token for c in concepts]

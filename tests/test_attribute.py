@@ -268,6 +268,10 @@ def test_gold_cli_refuses_bad_options(tmp_path):
     (tmp_path / "b" / "config.json").write_text(json.dumps(asdict(BenchmarkConfig())))
     r = _cli("attribute", "benchmark", "--out", tmp_path / "b", "--recipe", "--style", "combination")
     assert r.exit_code == 2 and "other settings (customize, style)" in r.output
+    r = _cli("attribute", "benchmark", "--out", tmp_path / "b", "--params", "xattn")   # so does --params
+    assert r.exit_code == 2 and "other settings (customize)" in r.output
+    r = _cli("attribute", "benchmark", "--out", tmp_path / "b", "--params", "qkv")
+    assert r.exit_code == 2 and "qkv" in r.output
 
 
 def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):
@@ -333,3 +337,25 @@ def test_benchmark_style_all_but_shape_shares_every_factor_but_the_shape(tmp_pat
     _write_exemplars(tmp_path / "ex", ex, name_shape=True)   # the captions name each exemplar's shape
     from difflab.core.data import read_metadata
     assert [r["prompt"] for r in read_metadata(tmp_path / "ex")] == [f"a <new1> {e['shape']}" for e in ex]
+
+
+def test_benchmark_build_splits_between_shards_into_the_same_models(tmp_path):
+    from difflab.attribute import BenchmarkConfig, TuneConfig, run_benchmark
+    from difflab.attribute.benchmark import build
+    from difflab.customize import CustomizeConfig
+    from safetensors.torch import load_file
+    cfg = BenchmarkConfig(models=2, extra_train_models=1, synth_per_model=1, distractors=6, unlearn_queries=0,
+                          customize=CustomizeConfig(steps=2, lr=2e-3, augment=False, num_class_images=2, progress=False),
+                          tune=TuneConfig(steps=2, batch=2, negatives=4, calibrate_steps=1, progress=False))
+    whole = build(tmp_path / "whole", cfg, progress=False)
+    assert whole[1] == []
+    # shard 1 of 2 first (model 1 alone: it must still train with model 0's class images), then shard 0 evaluates
+    first = run_benchmark(tmp_path / "split", cfg, progress=False, shard=(1, 2))
+    assert first == {"pending": ["model-00", "model-02"]} and not (tmp_path / "split" / "metrics.json").exists()
+    m = run_benchmark(tmp_path / "split", cfg, progress=False, shard=(0, 2))
+    assert "features" in m and (tmp_path / "split" / "metrics.json").exists()
+    for j in range(3):
+        a, b = (load_file(tmp_path / f / "models" / f"{j:02d}" / "weights" / "pytorch_custom_diffusion_weights.safetensors")
+                for f in ("whole", "split"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "split").glob(".distractors.*")) and not list((tmp_path / "split" / "class").glob(".*"))

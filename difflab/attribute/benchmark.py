@@ -28,6 +28,7 @@ exemplar, and a query that does not copy its exemplar's incidental factors canno
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,29 +115,49 @@ def _write_exemplars(folder: Path, factor_list: list[dict], name_shape: bool = F
             fh.write(json.dumps({"file": f"{i:02d}.png", "prompt": prompt, "factors": f}) + "\n")
 
 
-def build(out: Path, cfg: BenchmarkConfig, progress: bool = True) -> list[dict]:
-    """Distractors, exemplars, one Custom Diffusion model per concept and its synthesized images (resumable)."""
+def _model_customize(cfg: BenchmarkConfig, j: int) -> CustomizeConfig:
+    return CustomizeConfig(**{**asdict(cfg.customize), "seed": cfg.seed + j})
+
+
+def build(out: Path, cfg: BenchmarkConfig, progress: bool = True,
+          shard: tuple[int, int] = (0, 1)) -> tuple[list[dict], list[int]]:
+    """Distractors, exemplars, one Custom Diffusion model per concept and its synthesized images (resumable).
+
+    With `shard=(i, n)` this process builds only the models j with j % n == i, so n processes (or machines sharing
+    `out`) split them; what the models share (the distractors, the class images, made with model 0's settings) is
+    deterministic, made by whichever process comes first and renamed into place whole. Model j is the same however
+    the work is split. Returns the concepts and the models not built yet (by other shards)."""
+    import shutil
+
     from tqdm.auto import tqdm
 
-    from difflab.customize import Concept, save_weights, train_concepts
+    from difflab.customize import Concept, class_latents, regularisation_prompts, save_weights, train_concepts
     from difflab.generate import generate_images, save_images
     from difflab.models import load_pipeline
     from difflab.world import dataset
     dis = out / "distractors"
     if not (dis / "metadata.jsonl").exists():
-        tmp = out / ".distractors.tmp"
+        tmp = out / f".distractors.{os.getpid()}"
         tmp.mkdir(parents=True, exist_ok=True)
         dataset.write_folder(dataset.training_set(cfg.distractors or dataset.TRAIN_SIZE), tmp)
-        tmp.rename(dis)
+        try:
+            tmp.rename(dis)
+        except OSError:   # another shard got there first, with the same images
+            shutil.rmtree(tmp)
     cons = concepts(cfg)
-    for j, c in enumerate(tqdm(cons, desc="models", disable=not progress)):
-        d = out / "models" / f"{j:02d}"
-        if (d / "synth" / "metadata.jsonl").exists():
-            continue
+    done = lambda j: (out / "models" / f"{j:02d}" / "synth" / "metadata.jsonl").exists()   # noqa: E731
+    i, n = shard
+    mine = [j for j in range(len(cons)) if j % n == i and not done(j)]
+    if mine:   # the class images every model trains with: model 0's, whichever model this process starts with
+        c0 = _model_customize(cfg, 0)
+        class_latents(load_pipeline("shapes"), regularisation_prompts(Concept(""), c0), c0.num_class_images, c0,
+                      out / "class" / "0.safetensors")
+    for j in tqdm(mine, desc="models", disable=not progress):
+        c, d = cons[j], out / "models" / f"{j:02d}"
         named = c["kind"] == "style" and cfg.style != "texture"   # the exemplars' captions name their shape
         _write_exemplars(d / "exemplars", c["exemplars"], named)
         pipe = load_pipeline("shapes")
-        ccfg = CustomizeConfig(**{**asdict(cfg.customize), "seed": cfg.seed + j})
+        ccfg = _model_customize(cfg, j)
         train_concepts(pipe, [Concept(str(d / "exemplars"), captions=named)], ccfg, work=out)
         (d / "weights").mkdir(parents=True, exist_ok=True)
         save_weights(pipe, d / "weights", ["<new1>"], ccfg.params, base="shapes", extra={"kind": c["kind"]})
@@ -144,7 +165,7 @@ def build(out: Path, cfg: BenchmarkConfig, progress: bool = True) -> list[dict]:
         images, records = generate_images(pipe, c["prompts"], seed=cfg.concept_seed + 1000 * j, progress=False)
         (d / "synth").mkdir(exist_ok=True)
         save_images(images, records, d / "synth", extra={"model": j, "kind": c["kind"]})
-    return cons
+    return cons, [j for j in range(len(cons)) if not done(j)]
 
 
 def _features(folder: Path, encoder: str) -> torch.Tensor:
@@ -216,9 +237,11 @@ def abu_candidates(pipe, exemplars: Path, dis: TrainingData, keep: torch.Tensor,
 BUILD_SETTINGS = ("synth_per_model", "distractors", "concept_seed", "customize", "style", "seed")
 
 
-def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress: bool = True) -> dict:
+def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress: bool = True,
+                  shard: tuple[int, int] = (0, 1)) -> dict:
     """Build the benchmark (resumable), tune the heads on its training split, evaluate every method on its test
-    split, and write heads/ and metrics.json into `out`."""
+    split, and write heads/ and metrics.json into `out`. With `shard=(i, n)` (see `build`), a process whose share
+    is built while other shards' models are missing returns {"pending": [their models]}; the last one evaluates."""
     from difflab.core.data import read_metadata
     cfg = cfg or BenchmarkConfig()
     out = Path(out)
@@ -226,7 +249,9 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", asdict(cfg))
     t0 = time.time()
-    cons = build(out, cfg, progress)
+    cons, missing = build(out, cfg, progress, shard)
+    if missing:
+        return {"pending": [f"model-{j:02d}" for j in missing]}
     t_build = time.time() - t0
     dis_feats, _ = cached_features(out / "distractors", cfg.encoder)
     dis_factors = [json.dumps(r["factors"], sort_keys=True) for r in read_metadata(out / "distractors")]

@@ -46,6 +46,17 @@ def attribute_rank(train_dir, query, method, out, model, prompt, k, encoder, hea
     click.echo(json.dumps(rank(train_dir, query, out, method, model, prompt, k, encoder, heads, cfg, fisher), indent=2))
 
 
+def _shard(value: str) -> tuple[int, int]:
+    """--shard I/N -> (I, N), or the one-line error."""
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise DifflabError(f"--shard {value!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return i, n
+
+
 @attribute.command("benchmark")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Benchmark folder (resumable).")
 @click.option("--models", type=click.IntRange(2), default=16, show_default=True, help="Custom Diffusion models (half train the heads).")
@@ -58,6 +69,10 @@ def attribute_rank(train_dir, query, method, out, model, prompt, k, encoder, hea
 @click.option("--recipe", is_flag=True,
               help="Train each model with the single-concept recipe (shapes_recipe: 2,000 steps; models that copy "
                    "their exemplars) instead of 400 steps at lr 2e-3; --customize-steps is then ignored.")
+@click.option("--params", "customize_params", type=click.Choice(["xattn_kv", "xattn"]), default="xattn_kv",
+              show_default=True,
+              help="What each model's Custom Diffusion trains: cross-attention K/V, or all of cross-attention (more "
+                   "of the style models' queries show their exemplars: docs/BENCHMARKS.md, attribution, session 11).")
 @click.option("--tune-steps", type=click.IntRange(1), default=300, show_default=True)
 @click.option("--tune-negatives", type=click.IntRange(1), default=1024, show_default=True,
               help="Distractors drawn per step of the heads' contrastive loss.")
@@ -70,8 +85,12 @@ def attribute_rank(train_dir, query, method, out, model, prompt, k, encoder, hea
               show_default=True,
               help="What a style model's three exemplars share: the held-out texture and a colour; every factor but "
                    "the shape (which the distractors rarely share); or that with a trained texture.")
-def attribute_benchmark(out, models, extra_train_models, synth, distractors, customize_steps, recipe, tune_steps,
-                        tune_negatives, tune_temperature, unlearn_queries, unlearn_distractors, encoder, style):
+@click.option("--shard", default="0/1", show_default=True,
+              help="I/N: build only every N-th model from the I-th, so N processes or machines sharing OUT split the "
+                   "build; the last to finish evaluates and writes metrics.json.")
+def attribute_benchmark(out, models, extra_train_models, synth, distractors, customize_steps, recipe, customize_params,
+                        tune_steps, tune_negatives, tune_temperature, unlearn_queries, unlearn_distractors, encoder,
+                        style, shard):
     """The AbC-style benchmark on the shapes world: exemplars -> Custom Diffusion models -> synthesized queries;
     tunes the heads (OUT/heads) and writes metrics.json: {"features": {"map", "recall@5", "recall@10",
     "recall@100"}, "tuned": {...}, "unlearn": {...}}."""
@@ -83,11 +102,12 @@ def attribute_benchmark(out, models, extra_train_models, synth, distractors, cus
     else:
         ccfg = _customize_defaults()
         ccfg.steps = customize_steps
+    ccfg.params = customize_params
     cfg = BenchmarkConfig(models=models, extra_train_models=extra_train_models, synth_per_model=synth, distractors=distractors, encoder=encoder,
                           customize=ccfg, tune=TuneConfig(steps=tune_steps, negatives=tune_negatives,
                                                           temperature=tune_temperature), unlearn_queries=unlearn_queries,
                           unlearn_distractors=unlearn_distractors, style=style)
-    click.echo(json.dumps(run_benchmark(out, cfg), indent=2))
+    click.echo(json.dumps(run_benchmark(out, cfg, shard=_shard(shard)), indent=2))
 
 
 @attribute.command("gold")
@@ -131,12 +151,7 @@ def attribute_gold(out, queries, k, n_train, steps, batch, lr, methods, heads, u
         raise DifflabError("--methods tuned needs --heads DIR")
     if k >= n_train:
         raise DifflabError(f"--k {k} removes the whole training set (--n-train {n_train})")
-    try:
-        i, n = (int(x) for x in shard.split("/"))
-    except ValueError:
-        i, n = -1, 0
-    if not 0 <= i < n:
-        raise DifflabError(f"--shard {shard!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    i, n = _shard(shard)
     cfg = GoldConfig(queries=queries, k=k, n_train=n_train, steps=steps, batch=batch, lr=lr, methods=chosen,
                      tuned=str(heads) if heads else None, query_seed=query_seed,
                      unlearn=UnlearnConfig(params=unlearn_params, lr=unlearn_lr))
