@@ -56,6 +56,9 @@ class GoldConfig:
     # reading, whose trajectory noise swamped the effect in session 4: docs/BENCHMARKS.md)
     order: str = "mask"
     eval_stride: int = 5          # ΔL timesteps 0, 5, ..., 995 (the paper's stride)
+    # deterministic kernels on CUDA: retrainings must differ by what they remove, not by CUDA's atomics (two
+    # identical 4-step retrainings on an H100 differed by 1.5e-3 per weight without them; docs/BENCHMARKS.md)
+    deterministic: bool = True
     methods: tuple[str, ...] = ("unlearn", "features", "random")
     encoder: str = "shapes-clip"  # the feature method's encoder
     tuned: str | None = None      # a tuned-heads folder (difflab attribute benchmark) for the "tuned" method
@@ -108,10 +111,9 @@ def train_small(data: TrainingData, empty: torch.Tensor, scheduler, cfg: GoldCon
         z, c, w, g = b   # the noise and timesteps of all len(idx) images are drawn, kept or not
         return (diffusion_loss(unet, scheduler, z, c, generator=g, reduction="none") * w).sum() / len(w), {}
 
-    # deterministic kernels: on a GPU, retrainings must differ by what they remove, not by CUDA's atomics
     tc = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=min(50, cfg.steps // 10), lr_schedule="cosine",
                      weight_decay=0.0, seed=cfg.seed, desc="train", progress=progress, log_every=max(1, cfg.steps),
-                     deterministic=True)
+                     deterministic=cfg.deterministic)
     train({f"unet.{k}": v for k, v in unet.named_parameters()}, loss_fn, batch_fn, tc, modules=[unet])
     unet.eval().requires_grad_(False)
     return unet
