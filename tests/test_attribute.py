@@ -259,7 +259,9 @@ def test_gold_cli_refuses_bad_options(tmp_path):
 
     from difflab.attribute import GoldConfig
     (tmp_path / "g").mkdir()
-    (tmp_path / "g" / "config.json").write_text(json.dumps(asdict(GoldConfig())))
+    # (a folder made before GoldConfig had `deterministic`: the missing setting counts as its default, not as a change)
+    old = {k: v for k, v in asdict(GoldConfig()).items() if k != "deterministic"}
+    (tmp_path / "g" / "config.json").write_text(json.dumps(old))
     r = _cli("attribute", "gold", "--out", tmp_path / "g", "--query-seed", 33000)
     assert r.exit_code == 2 and "other settings (query_seed)" in r.output
     # likewise the benchmark's --recipe and --style reach its build settings (a default-built folder refuses them)

@@ -145,7 +145,8 @@ def build(out: Path, cfg: BenchmarkConfig, progress: bool = True,
         except OSError:   # another shard got there first, with the same images
             shutil.rmtree(tmp)
     cons = concepts(cfg)
-    done = lambda j: (out / "models" / f"{j:02d}" / "synth" / "metadata.jsonl").exists()   # noqa: E731
+    def done(j: int) -> bool:
+        return (out / "models" / f"{j:02d}" / "synth" / "metadata.jsonl").exists()
     i, n = shard
     mine = [j for j in range(len(cons)) if j % n == i and not done(j)]
     if mine:   # the class images every model trains with: model 0's, whichever model this process starts with
