@@ -1,7 +1,8 @@
 """CUDA graphs for a UNet's forward and backward in a training step.
 
-On the small models difflab trains (the shapes UNet: 8x8 latents), a GPU step is bound by the CPU launching
-some 1,500 small kernels for the UNet's forward and backward, not by the GPU running them. A CUDA graph records
+On the small models difflab trains (the shapes UNet: 8x8 latents), a GPU step is bound by the CPU dispatching
+the UNet's forward and backward (about 2,900 leaf operator calls at batch 8, most of them a small kernel each, by
+a CPU profile), not by the GPU running them. A CUDA graph records
 those launches once and replays them with one call (`torch.cuda.make_graphed_callables`), gradients included:
 the trained parameters' `.grad` and the gradient into `encoder_hidden_states` (which carries it on to the token
 embeddings) come out as in eager mode. Everything outside the UNet (VAE, text encoder, loss, optimizer) stays eager.
