@@ -47,14 +47,19 @@ def median_ms(f, z, t, cond, steps: int) -> float:
     return sorted(ts)[len(ts) // 2] * 1e3
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=1)
+def setup(doc: str, threads: int):
+    """The UNet benchmarks' command line (--threads, --batch, --steps, --rounds) and their UNet and inputs."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=threads)
     ap.add_argument("--batch", type=int, default=8, help="instance + class images per step (customize: 4 + 4)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
-    unet, z, t, cond = customize_unet(a.threads, a.batch)
+    return (a, *customize_unet(a.threads, a.batch))
+
+
+def main():
+    a, unet, z, t, cond = setup(__doc__, threads=1)
 
     def step(f):
         f(z, t, cond).sample.float().pow(2).mean().backward()

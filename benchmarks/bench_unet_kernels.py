@@ -8,23 +8,15 @@ Variants: diffusers' default AttnProcessor2_0 (torch SDPA, which picks its CPU f
 forced to the math kernel, diffusers' classic AttnProcessor (baddbmm + softmax), and the classic processor with
 the UNet and its input in channels-last memory format. Prints per round the median ms per step of each.
 """
-import argparse
-
 import torch
 
-from bench_unet_compile import customize_unet, median_ms
+from bench_unet_compile import median_ms, setup
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8, help="instance + class images per step (customize: 4 + 4)")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=3)
-    a = ap.parse_args()
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    unet, z, t, cond = customize_unet(a.threads, a.batch)
+    a, unet, z, t, cond = setup(__doc__, threads=2)
     ms = lambda x: median_ms(unet, x, t, cond, a.steps)
 
     with torch.no_grad():

@@ -12,7 +12,6 @@ by the closed-form constrained least squares of eq. (4) (`difflab.merge`).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -262,10 +261,10 @@ def class_latents(pipe, prompts: list[str], n: int, cfg: CustomizeConfig, cache:
                                 guidance=cfg.class_guidance, progress=cfg.progress)
     z = encode_latents(pipe.vae, to_pixels(images))
     if cache is not None:   # written whole, then renamed: processes sharing a cache never read half a file
+        from difflab.core.runs import atomic_path
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        save_file({"z": z.contiguous()}, tmp)
-        tmp.replace(cache)
+        with atomic_path(cache) as tmp:
+            save_file({"z": z.contiguous()}, tmp)
     return z
 
 

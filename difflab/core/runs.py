@@ -18,19 +18,27 @@ from difflab import __version__
 from difflab.errors import DifflabError
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    """Write JSON to a temp file in the same folder, then rename it over `path`."""
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temp path in `path`'s folder to write to; it is renamed over `path` when the block succeeds and
+    removed when it fails, so readers (other processes too) see the old file or the whole new one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
-            fh.write("\n")
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Write JSON to a temp file in the same folder, then rename it over `path`."""
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False)
+        fh.write("\n")
 
 
 def _without_progress(obj):
