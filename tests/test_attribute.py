@@ -161,6 +161,10 @@ def test_tuned_heads_learn_what_attribution_needs_and_calibrate():
     untuned = evaluate(lambda x: x, lambda x: x)
     tuned = evaluate(heads.synth, heads.real)
     assert tuned > untuned + 0.04, (untuned, tuned)   # measured 0.867 -> 0.935
+    hard = train_heads(syn[syn_group < 14], syn_group[syn_group < 14], ex[ex_group < 14], ex_group[ex_group < 14], dis,
+                       TuneConfig(steps=150, lr=1e-2, batch=32, negatives=128, calibrate_steps=50, progress=False,
+                                  hard_negatives=16, hard_pool=50))
+    assert evaluate(hard.synth, hard.real) > untuned + 0.04   # with each query's nearest distractors as negatives too
     for m in (heads.real_mapper, heads.synth_mapper):   # identity dims up-weighted against the noise dims
         assert m.weight[:8, :8].diag().mean() > 1.2 * m.weight[8:, 8:].diag().mean()
     p = soft_attribution(torch.tensor([0.9, 0.5, 0.1]), float(heads.inv_tau), float(heads.bias))
@@ -170,6 +174,20 @@ def test_tuned_heads_learn_what_attribution_needs_and_calibrate():
     assert torch.equal(load_heads(tmp).real_mapper.weight, heads.real_mapper.weight)
     with pytest.raises(DifflabError, match="tuned on encoder 'shapes-clip'"):
         load_heads(tmp, "facebook/dino-vitb16")
+
+
+def test_hard_negative_pools_hold_the_nearest_distractors_and_no_copy_of_the_own_exemplars():
+    from difflab.attribute.tuned import hard_pools
+    g = torch.Generator().manual_seed(0)
+    ex = torch.nn.functional.normalize(torch.randn(2, 16, generator=g), dim=-1)          # model 0's, model 1's
+    dis = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=-1)
+    dis[7] = ex[0]                                                                       # a copy of model 0's exemplar
+    dis[9] = torch.nn.functional.normalize(ex[0] + 0.1 * torch.randn(16, generator=g), dim=-1)   # close to it
+    syn = torch.nn.functional.normalize(ex + 0.05 * torch.randn(2, 16, generator=g), dim=-1)
+    pools = hard_pools(syn, torch.tensor([0, 1]), ex, torch.tensor([0, 1]), dis, 3)
+    assert 7 not in pools[0].tolist() and pools[0, 0] == 9     # the copy is not a negative, the near one first
+    sims = (syn[1] @ dis.T).topk(3).indices                    # model 1's query: plainly its 3 nearest
+    assert torch.equal(pools[1], sims)
 
 
 def _cli(*args):
@@ -274,6 +292,19 @@ def test_gold_cli_refuses_bad_options(tmp_path):
     assert r.exit_code == 2 and "other settings (customize)" in r.output
     r = _cli("attribute", "benchmark", "--out", tmp_path / "b", "--params", "qkv")
     assert r.exit_code == 2 and "qkv" in r.output
+    r = _cli("attribute", "benchmark", "--out", tmp_path / "b", "--tune-head", "mlp")
+    assert r.exit_code == 2 and "mlp" in r.output
+
+
+def test_benchmark_cli_passes_the_tuning_options(tmp_path, monkeypatch):
+    import difflab.attribute
+    seen = {}
+    monkeypatch.setattr(difflab.attribute, "run_benchmark", lambda out, cfg, shard: seen.update(cfg=cfg) or {})
+    r = _cli("attribute", "benchmark", "--out", tmp_path / "b", "--tune-head", "channel", "--tune-lr", "0.003",
+             "--tune-hard-negatives", "16", "--tune-temperature", "0.02")
+    assert r.exit_code == 0, r.output
+    t = seen["cfg"].tune
+    assert (t.head, t.lr, t.hard_negatives, t.temperature) == ("channel", 0.003, 16, 0.02)
 
 
 def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):

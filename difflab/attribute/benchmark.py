@@ -197,6 +197,34 @@ def fidelity(synth_images, concept: dict, oracle=None) -> float:
     return float(np.mean([all(p[k] == ex[k] for k in keys) for p in pred]))
 
 
+def benchmark_features(out: Path, cfg: BenchmarkConfig, ids):
+    """({model j: its exemplars' features}, {j: its queries' features}, distractor features, distractor factors as
+    sorted JSON) of the models `ids` of a built benchmark folder, under cfg.encoder."""
+    from difflab.core.data import read_metadata
+    dis_feats, _ = cached_features(out / "distractors", cfg.encoder)
+    dis_factors = [json.dumps(r["factors"], sort_keys=True) for r in read_metadata(out / "distractors")]
+    ex = {j: _features(out / "models" / f"{j:02d}" / "exemplars", cfg.encoder) for j in ids}
+    syn = {j: _features(out / "models" / f"{j:02d}" / "synth", cfg.encoder) for j in ids}
+    return ex, syn, dis_feats, dis_factors
+
+
+def stack_groups(ids, feats) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features of models `ids` stacked, and the model each row belongs to (train_heads' groups)."""
+    return torch.cat([feats[j] for j in ids]), torch.cat([torch.full((len(feats[j]),), j) for j in ids])
+
+
+def score_queries(ids, cons: list[dict], dis_factors: list[str], n_queries, n_exemplars, scores_fn) -> dict[str, list[dict]]:
+    """AbC's metrics of every query of models `ids` (n_queries[j] queries, n_exemplars[j] exemplars):
+    scores_fn(j, q, keep) -> {method: scores over the kept distractors then model j's exemplars}. Returns {method: [{"model", "query", "map", "recall@K"...}]}."""
+    per: dict[str, list[dict]] = {}
+    for j in ids:
+        keep = kept_distractors(cons[j], dis_factors)
+        for q in range(n_queries[j]):
+            for name, scores in scores_fn(j, q, keep).items():
+                per.setdefault(name, []).append({"model": j, "query": q, **rank_metrics(scores, n_exemplars[j])})
+    return per
+
+
 def _split(cfg: BenchmarkConfig) -> tuple[list[int], list[int]]:
     n = cfg.models
     return list(range(n // 2)) + list(range(n, n + cfg.extra_train_models)), list(range(n // 2, n))
@@ -243,7 +271,6 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     """Build the benchmark (resumable), tune the heads on its training split, evaluate every method on its test
     split, and write heads/ and metrics.json into `out`. With `shard=(i, n)` (see `build`), a process whose share
     is built while other shards' models are missing returns {"pending": [their models]}; the last one evaluates."""
-    from difflab.core.data import read_metadata
     cfg = cfg or BenchmarkConfig()
     out = Path(out)
     refuse_other_settings(out, json.loads(json.dumps(asdict(cfg))), BUILD_SETTINGS, asdict(BenchmarkConfig()))
@@ -254,12 +281,7 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     if missing:
         return {"pending": [f"model-{j:02d}" for j in missing]}
     t_build = time.time() - t0
-    dis_feats, _ = cached_features(out / "distractors", cfg.encoder)
-    dis_factors = [json.dumps(r["factors"], sort_keys=True) for r in read_metadata(out / "distractors")]
-    ex, syn = [], []
-    for j in range(len(cons)):
-        ex.append(_features(out / "models" / f"{j:02d}" / "exemplars", cfg.encoder))
-        syn.append(_features(out / "models" / f"{j:02d}" / "synth", cfg.encoder))
+    ex, syn, dis_feats, dis_factors = benchmark_features(out, cfg, range(len(cons)))
     train_ids, test_ids = _split(cfg)
     # the reference: the oracle's factor readings of the test split, and how often a query shows its concept
     from difflab.core.data import load_folder_images
@@ -270,11 +292,8 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     dis_oracle = oracle_features(load_folder_images(out / "distractors"), oracle)
     fid = {j: fidelity(load_folder_images(out / "models" / f"{j:02d}" / "synth"), cons[j], oracle) for j in test_ids}
 
-    def group(ids, feats):
-        return torch.cat([feats[j] for j in ids]), torch.cat([torch.full((len(feats[j]),), j) for j in ids])
-
-    s_tr, g_tr = group(train_ids, syn)
-    e_tr, ge_tr = group(train_ids, ex)
+    s_tr, g_tr = stack_groups(train_ids, syn)
+    e_tr, ge_tr = stack_groups(train_ids, ex)
     t1 = time.time()
     heads = train_heads(s_tr, g_tr, e_tr, ge_tr, dis_feats, cfg.tune)
     save_heads(heads, out / "heads", cfg.encoder, {"benchmark": str(out), "train_models": train_ids})
@@ -294,12 +313,8 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
                 "tuned": torch.cat([real_dis[keep], heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0],
                 "oracle": torch.cat([dis_oracle[keep], ref[j]["exemplars"]]) @ ref[j]["synth"][q]}
 
-    per = {"features": [], "tuned": [], "oracle": []}
-    for j in test_ids:
-        keep = candidates(j)
-        for q in range(len(syn[j])):
-            for name, scores in feature_scores(j, q, keep).items():
-                per[name].append({"model": j, "query": q, **rank_metrics(scores, len(ex[j]))})
+    per = score_queries(test_ids, cons, dis_factors, {j: len(s) for j, s in syn.items()},
+                        {j: len(e) for j, e in ex.items()}, feature_scores)
     scores_only = lambda r: {k: v for k, v in r.items() if k not in ("model", "query")}
     metrics = {m: _mean([scores_only(r) for r in rows]) for m, rows in per.items()}
     metrics["fidelity"] = {kind: float(np.mean([fid[j] for j in test_ids if cons[j]["kind"] == kind]))
@@ -310,7 +325,7 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     metrics["models"] = {"train": len(train_ids), "test": len(test_ids)}
     metrics["queries"] = len(per["features"])
     if cfg.unlearn_queries:
-        metrics["unlearn_subset"] = unlearn_eval(out, cfg, test_ids, [len(e) for e in ex], candidates, feature_scores,
+        metrics["unlearn_subset"] = unlearn_eval(out, cfg, test_ids, {j: len(e) for j, e in ex.items()}, candidates, feature_scores,
                                                  progress)
         metrics["unlearn"] = metrics["unlearn_subset"]["unlearn"]
     metrics["seconds"] = {"build": round(t_build, 1), "tune": round(t_tune, 1), "total": round(time.time() - t0, 1)}
@@ -319,7 +334,7 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     return metrics
 
 
-def unlearn_eval(out: Path, cfg: BenchmarkConfig, test_ids, n_exemplars: list[int], candidates, feature_scores,
+def unlearn_eval(out: Path, cfg: BenchmarkConfig, test_ids, n_exemplars: dict[int, int], candidates, feature_scores,
                  progress: bool = True) -> dict:
     """AbU on the first `unlearn_queries` queries of each test model, against its exemplars (conditioned on the
     training prompt "a <new1> shape", as AbU's AbC runs) plus the first `unlearn_distractors` distractors; the

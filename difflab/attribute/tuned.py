@@ -41,6 +41,8 @@ class TuneConfig:
     negatives: int = 1024        # distractors drawn per step
     temperature: float = 0.05
     in_batch_negatives: bool = True   # other queries' exemplars count as negatives (else: distractors only)
+    hard_negatives: int = 0      # per query and step, also this many drawn from its `hard_pool` nearest distractors
+    hard_pool: int = 200         # (by the untuned cosine; copies of its own exemplars left out): see hard_pools
     head: str = "linear"              # "linear" (AbC's default, D x D) or "channel" (AbC's ablation: a scale per channel)
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -110,16 +112,24 @@ def train_heads(synth: torch.Tensor, synth_group: torch.Tensor, exemplars: torch
     if missing:
         raise DifflabError(f"queries of model(s) {sorted(missing)} have no exemplars")
 
+    pools = hard_pools(synth, synth_group, exemplars, exemplar_group, distractors, cfg.hard_pool) \
+        if cfg.hard_negatives else None
+
     def batch_fn(i):
         rng = np.random.default_rng([cfg.seed, i])
         q = torch.from_numpy(rng.choice(len(synth), min(cfg.batch, len(synth)), replace=False))
         groups = synth_group[q]
         pos = torch.stack([by_group[int(g)][rng.integers(len(by_group[int(g)]))] for g in groups])
         neg = torch.from_numpy(rng.integers(0, len(distractors), cfg.negatives))
-        return synth[q], groups, exemplars[pos], distractors[neg]
+        if pools is None:
+            hard = torch.zeros(len(q), 0, synth.shape[-1])
+        else:   # (B, hard_negatives, D): each query's own draw from its pool
+            pick = torch.from_numpy(rng.integers(0, pools.shape[1], (len(q), cfg.hard_negatives)))
+            hard = distractors[torch.gather(pools[q], 1, pick)]
+        return synth[q], groups, exemplars[pos], distractors[neg], hard
 
     def loss_fn(b):
-        sq, groups, ex, dis = b
+        sq, groups, ex, dis, hard = b
         a = heads.synth(sq)
         cands = heads.real(torch.cat([ex, dis]))
         logits = a @ cands.T / cfg.temperature
@@ -127,6 +137,9 @@ def train_heads(synth: torch.Tensor, synth_group: torch.Tensor, exemplars: torch
         same = torch.cat([(groups[:, None] == groups[None, :]).float(), torch.zeros(len(sq), len(dis), device=sq.device)], 1)
         if not cfg.in_batch_negatives:   # mask out other models' exemplars: each query sees its own vs distractors
             logits = logits.masked_fill(torch.cat([same[:, :len(ex)] == 0, torch.zeros(len(sq), len(dis), dtype=torch.bool, device=sq.device)], 1), float("-inf"))
+        if hard.shape[1]:   # each query's own hard negatives: one more column block, never a positive
+            logits = torch.cat([logits, (heads.real(hard) * a[:, None]).sum(-1) / cfg.temperature], 1)
+            same = torch.cat([same, torch.zeros(hard.shape[:2], device=sq.device)], 1)
         loss = -(same / same.sum(1, keepdim=True) * logits.log_softmax(-1).clamp_min(-1e4)).sum(1).mean()
         return loss, {}
 
@@ -138,6 +151,19 @@ def train_heads(synth: torch.Tensor, synth_group: torch.Tensor, exemplars: torch
     heads.history = history
     calibrate(heads, synth, synth_group, exemplars, exemplar_group, distractors, cfg)
     return heads.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def hard_pools(synth, synth_group, exemplars, exemplar_group, distractors, pool: int) -> torch.Tensor:
+    """(Q, pool) indices of each query's nearest distractors by the untuned cosine: the ones a ranking confuses
+    with its exemplars. Distractors identical to one of the query's own exemplars (cosine > 0.9999: the same
+    picture, as the discrete shapes world draws some) are left out, since they are not negatives."""
+    sim = synth @ distractors.T
+    for g in synth_group.unique():
+        rows, own = synth_group == g, exemplars[exemplar_group == g]
+        copies = (own @ distractors.T).max(0).values > 0.9999
+        sim[rows] = sim[rows].masked_fill(copies, float("-inf"))
+    return sim.topk(min(pool, len(distractors)), dim=1).indices
 
 
 def calibrate(heads: Heads, synth, synth_group, exemplars, exemplar_group, distractors, cfg: TuneConfig) -> None:

@@ -78,6 +78,11 @@ def _shard(value: str) -> tuple[int, int]:
               help="Distractors drawn per step of the heads' contrastive loss.")
 @click.option("--tune-temperature", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True,
               help="Temperature of the heads' contrastive loss.")
+@click.option("--tune-head", type=click.Choice(["linear", "channel"]), default="linear", show_default=True,
+              help="The heads: AbC's linear maps, or a scale per feature channel (AbC's ablation).")
+@click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option("--tune-hard-negatives", type=click.IntRange(0), default=0, show_default=True,
+              help="Per query and step, also this many of its 200 nearest distractors as negatives.")
 @click.option("--unlearn-queries", type=click.IntRange(0), default=2, show_default=True, help="AbU queries per test model (0: skip).")
 @click.option("--unlearn-distractors", type=click.IntRange(1), default=2000, show_default=True)
 @click.option("--encoder", default="shapes-clip", show_default=True)
@@ -89,8 +94,8 @@ def _shard(value: str) -> tuple[int, int]:
               help="I/N: build only every N-th model from the I-th, so N processes or machines sharing OUT split the "
                    "build; the last to finish evaluates and writes metrics.json.")
 def attribute_benchmark(out, models, extra_train_models, synth, distractors, customize_steps, recipe, customize_params,
-                        tune_steps, tune_negatives, tune_temperature, unlearn_queries, unlearn_distractors, encoder,
-                        style, shard):
+                        tune_steps, tune_negatives, tune_temperature, tune_head, tune_lr, tune_hard_negatives,
+                        unlearn_queries, unlearn_distractors, encoder, style, shard):
     """The AbC-style benchmark on the shapes world: exemplars -> Custom Diffusion models -> synthesized queries;
     tunes the heads (OUT/heads) and writes metrics.json: {"features": {"map", "recall@5", "recall@10",
     "recall@100"}, "tuned": {...}, "unlearn": {...}}."""
@@ -105,7 +110,8 @@ def attribute_benchmark(out, models, extra_train_models, synth, distractors, cus
     ccfg.params = customize_params
     cfg = BenchmarkConfig(models=models, extra_train_models=extra_train_models, synth_per_model=synth, distractors=distractors, encoder=encoder,
                           customize=ccfg, tune=TuneConfig(steps=tune_steps, negatives=tune_negatives,
-                                                          temperature=tune_temperature), unlearn_queries=unlearn_queries,
+                                                          temperature=tune_temperature, head=tune_head, lr=tune_lr,
+                                                          hard_negatives=tune_hard_negatives), unlearn_queries=unlearn_queries,
                           unlearn_distractors=unlearn_distractors, style=style)
     click.echo(json.dumps(run_benchmark(out, cfg, shard=_shard(shard)), indent=2))
 

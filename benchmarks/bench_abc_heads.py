@@ -1,0 +1,131 @@
+"""Tuned heads on a built AbC-style benchmark: settings chosen on held-out training models, then the test split.
+
+    python benchmarks/bench_abc_heads.py OUT --val 8 --grid "steps=300" "steps=300,hard_negatives=32"
+    python benchmarks/bench_abc_heads.py OUT --test "steps=300,hard_negatives=32"
+    python benchmarks/bench_abc_heads.py OUT --feature oracle --val 8 --grid "steps=300"
+
+OUT is a folder built by `difflab attribute benchmark`. Each --grid entry is a set of TuneConfig fields
+(comma-separated key=value) on top of the folder's own tune settings. Validation: the heads are fitted on every
+training model but the last --val, and scored (as the benchmark scores its test split) on those --val models; the
+test split is not looked at. --test fits on all training models and scores the test split, by kind too.
+--feature oracle replaces the encoder's features by the oracle's factor readings (benchmark.oracle_features): what
+the heads make of a feature that reads every factor exactly. Prints markdown tables; 1 thread reproduces to the digit.
+"""
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+
+def parse(spec: str, base):
+    from difflab.attribute import TuneConfig
+    kw = {}
+    for item in filter(None, spec.split(",")):
+        k, v = item.split("=")
+        kw[k] = type(getattr(TuneConfig(), k))(v) if not isinstance(getattr(TuneConfig(), k), bool) else v == "true"
+    return dataclasses.replace(base, progress=False, **kw)
+
+
+def oracle_bank(out: Path, ids):
+    """The oracle's features of models `ids`' exemplars and queries and of the distractors, cached in OUT."""
+    from safetensors.torch import load_file
+
+    from difflab.attribute.benchmark import oracle_features
+    from difflab.core.data import load_folder_images, save_tensors
+    from difflab.models import load_oracle
+    cache = out / ".difflab-cache" / "oracle.safetensors"
+    t = load_file(cache) if cache.exists() else {}
+    want = {"dis": out / "distractors", **{f"{part}-{j}": out / "models" / f"{j:02d}" / part
+                                           for j in ids for part in ("exemplars", "synth")}}
+    if set(want) - set(t):
+        oracle = load_oracle()
+        t.update({k: oracle_features(load_folder_images(want[k]), oracle) for k in set(want) - set(t)})
+        save_tensors(cache, t)
+    return {j: t[f"exemplars-{j}"] for j in ids}, {j: t[f"synth-{j}"] for j in ids}, t["dis"]
+
+
+def evaluate(fit_ids, eval_ids, tcfg, cons, ex, syn, dis, dis_factors):
+    """Heads fitted on fit_ids; {method: mean metrics}, and by kind, over eval_ids' queries."""
+    from difflab.attribute.benchmark import _mean, score_queries, stack_groups
+    from difflab.attribute.tuned import train_heads
+    s, g = stack_groups(fit_ids, syn)
+    e, ge = stack_groups(fit_ids, ex)
+    heads = train_heads(s, g, e, ge, dis, tcfg)
+    with torch.no_grad():
+        real_dis = heads.real(dis)
+
+    @torch.no_grad()
+    def scores(j, q, keep):
+        return {"features": torch.cat([dis[keep], ex[j]]) @ syn[j][q],
+                "tuned": torch.cat([real_dis[keep], heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0]}
+    per = score_queries(eval_ids, cons, dis_factors, {j: len(x) for j, x in syn.items()},
+                        {j: len(x) for j, x in ex.items()}, scores)
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("model", "query")}
+    res = {m: _mean([strip(r) for r in rows]) for m, rows in per.items()}
+    for kind in ("object", "style"):
+        res[kind] = {m: _mean([strip(r) for r in rows if cons[r["model"]]["kind"] == kind]) if
+                     any(cons[j]["kind"] == kind for j in eval_ids) else {"map": float("nan"), "recall@10": float("nan")}
+                     for m, rows in per.items()}
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--val", type=int, default=8, help="the last N built training models are the validation set")
+    ap.add_argument("--val-models", default=None, help="comma-separated training models to validate on instead")
+    ap.add_argument("--grid", nargs="*", default=[], help="TuneConfig settings to compare on validation")
+    ap.add_argument("--test", default=None, help="TuneConfig settings to fit on all training models and test")
+    ap.add_argument("--feature", default="encoder", choices=["encoder", "oracle"])
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from difflab.attribute.benchmark import BenchmarkConfig, _split, benchmark_features, concepts
+    from difflab.attribute.tuned import TuneConfig
+    raw = json.loads((a.out / "config.json").read_text())
+    cfg = BenchmarkConfig(**{k: v for k, v in raw.items() if k in ("models", "extra_train_models", "synth_per_model",
+                                                                    "distractors", "concept_seed", "encoder", "style",
+                                                                    "seed")})
+    base = TuneConfig(**{**raw["tune"], "progress": False})
+    cons = concepts(cfg)
+    # a folder still being built: its built models only
+    built = [j for j in range(len(cons)) if (a.out / "models" / f"{j:02d}" / "synth" / "metadata.jsonl").exists()]
+    ex, syn, dis, dis_factors = benchmark_features(a.out, cfg, built)
+    if a.feature == "oracle":
+        ex, syn, dis = oracle_bank(a.out, built)
+    train_ids, test_ids = ([j for j in ids if j in built] for ids in _split(cfg))
+
+    keys = ("map", "recall@5", "recall@10", "recall@100")
+    if a.grid:
+        fit, val = train_ids[:-a.val], train_ids[-a.val:]
+        if a.val_models:
+            val = [int(v) for v in a.val_models.split(",")]
+            fit = [j for j in train_ids if j not in val]
+        print(f"validation: fitted on {len(fit)} training models, scored on models {val} ({a.feature} features)\n")
+        print("| heads | val mAP | R@5 | R@10 | R@100 | object mAP / R@10 | style mAP / R@10 |\n|---|---|---|---|---|---|---|")
+        for i, spec in enumerate(a.grid):
+            r = evaluate(fit, val, parse(spec, base), cons, ex, syn, dis, dis_factors)
+            if i == 0:
+                f = r["features"]
+                print(f"| untuned | {' | '.join(f'{f[k]:.3f}' for k in keys)} | {r['object']['features']['map']:.3f} / "
+                      f"{r['object']['features']['recall@10']:.3f} | {r['style']['features']['map']:.3f} / "
+                      f"{r['style']['features']['recall@10']:.3f} |")
+            t = r["tuned"]
+            print(f"| {spec or 'folder settings'} | {' | '.join(f'{t[k]:.3f}' for k in keys)} | "
+                  f"{r['object']['tuned']['map']:.3f} / {r['object']['tuned']['recall@10']:.3f} | "
+                  f"{r['style']['tuned']['map']:.3f} / {r['style']['tuned']['recall@10']:.3f} |", flush=True)
+    if a.test is not None:
+        r = evaluate(train_ids, test_ids, parse(a.test, base), cons, ex, syn, dis, dis_factors)
+        print(f"\ntest split: models {test_ids}, heads {a.test or 'folder settings'} fitted on {len(train_ids)} "
+              f"training models ({a.feature} features)\n")
+        print("| method | mAP | R@5 | R@10 | R@100 | object mAP / R@10 | style mAP / R@10 |\n|---|---|---|---|---|---|---|")
+        for m in ("features", "tuned"):
+            print(f"| {m} | {' | '.join(f'{r[m][k]:.3f}' for k in keys)} | {r['object'][m]['map']:.3f} / "
+                  f"{r['object'][m]['recall@10']:.3f} | {r['style'][m]['map']:.3f} / {r['style'][m]['recall@10']:.3f} |")
+        print(f"\ntuned - untuned mAP: {r['tuned']['map'] - r['features']['map']:+.3f}")
+
+
+if __name__ == "__main__":
+    main()
