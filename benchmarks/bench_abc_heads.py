@@ -5,7 +5,9 @@
     python benchmarks/bench_abc_heads.py OUT --feature oracle --val 8 --grid "steps=300"
 
 OUT is a folder built by `difflab attribute benchmark`. Each --grid entry is a set of TuneConfig fields
-(comma-separated key=value) on top of the folder's own tune settings. Validation: the heads are fitted on every
+(comma-separated key=value) on top of the folder's own tune settings (a field the folder does not record takes
+TuneConfig's default: spell out whiten=0 for heads on the encoder's features as they are). With whitening, a
+"whitening only" row scores the whitened features before any head is trained. Validation: the heads are fitted on every
 training model but the last --val, and scored (as the benchmark scores its test split) on those --val models; the
 test split is not looked at. --test fits on all training models and scores the test split, by kind too.
 --feature oracle replaces the encoder's features by the oracle's factor readings (benchmark.oracle_features): what
@@ -49,16 +51,18 @@ def oracle_bank(out: Path, ids):
 def evaluate(fit_ids, eval_ids, tcfg, cons, ex, syn, dis, dis_factors):
     """Heads fitted on fit_ids; {method: mean metrics}, and by kind, over eval_ids' queries."""
     from difflab.attribute.benchmark import _mean, score_queries, stack_groups
-    from difflab.attribute.tuned import train_heads
+    from difflab.attribute.tuned import train_heads, whitening_only
     s, g = stack_groups(fit_ids, syn)
     e, ge = stack_groups(fit_ids, ex)
     heads = train_heads(s, g, e, ge, dis, tcfg)
+    white = whitening_only(dis, tcfg.whiten)   # what the heads add to the whitening alone
     with torch.no_grad():
-        real_dis = heads.real(dis)
+        real_dis, white_dis = heads.real(dis), white.real(dis)
 
     @torch.no_grad()
     def scores(j, q, keep):
         return {"features": torch.cat([dis[keep], ex[j]]) @ syn[j][q],
+                "whitened": torch.cat([white_dis[keep], white.real(ex[j])]) @ white.synth(syn[j][q:q + 1])[0],
                 "tuned": torch.cat([real_dis[keep], heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0]}
     per = score_queries(eval_ids, cons, dis_factors, {j: len(x) for j, x in syn.items()},
                         {j: len(x) for j, x in ex.items()}, scores)
@@ -69,6 +73,18 @@ def evaluate(fit_ids, eval_ids, tcfg, cons, ex, syn, dis, dis_factors):
                      any(cons[j]["kind"] == kind for j in eval_ids) else {"map": float("nan"), "recall@10": float("nan")}
                      for m, rows in per.items()}
     return res
+
+
+def fidelity_line(out: Path, ids, cons) -> str:
+    """How often the models' queries show their exemplars' held-out value (benchmark.fidelity), by kind."""
+    from difflab.attribute.benchmark import fidelity
+    from difflab.core.data import load_folder_images
+    from difflab.models import load_oracle
+    oracle, by = load_oracle(), {}
+    for j in ids:
+        by.setdefault(cons[j]["kind"], []).append(fidelity(load_folder_images(out / "models" / f"{j:02d}" / "synth"),
+                                                           cons[j], oracle))
+    return ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(by.items()))
 
 
 def main():
@@ -103,7 +119,8 @@ def main():
         if a.val_models:
             val = [int(v) for v in a.val_models.split(",")]
             fit = [j for j in train_ids if j not in val]
-        print(f"validation: fitted on {len(fit)} training models, scored on models {val} ({a.feature} features)\n")
+        print(f"validation: fitted on {len(fit)} training models, scored on models {val} ({a.feature} features; "
+              f"fidelity {fidelity_line(a.out, val, cons)})\n")
         print("| heads | val mAP | R@5 | R@10 | R@100 | object mAP / R@10 | style mAP / R@10 |\n|---|---|---|---|---|---|---|")
         for i, spec in enumerate(a.grid):
             r = evaluate(fit, val, parse(spec, base), cons, ex, syn, dis, dis_factors)
@@ -112,6 +129,11 @@ def main():
                 print(f"| untuned | {' | '.join(f'{f[k]:.3f}' for k in keys)} | {r['object']['features']['map']:.3f} / "
                       f"{r['object']['features']['recall@10']:.3f} | {r['style']['features']['map']:.3f} / "
                       f"{r['style']['features']['recall@10']:.3f} |")
+            if parse(spec, base).whiten:
+                w = r["whitened"]
+                print(f"| whitening {parse(spec, base).whiten} only | {' | '.join(f'{w[k]:.3f}' for k in keys)} | "
+                      f"{r['object']['whitened']['map']:.3f} / {r['object']['whitened']['recall@10']:.3f} | "
+                      f"{r['style']['whitened']['map']:.3f} / {r['style']['whitened']['recall@10']:.3f} |")
             t = r["tuned"]
             print(f"| {spec or 'folder settings'} | {' | '.join(f'{t[k]:.3f}' for k in keys)} | "
                   f"{r['object']['tuned']['map']:.3f} / {r['object']['tuned']['recall@10']:.3f} | "
@@ -119,9 +141,9 @@ def main():
     if a.test is not None:
         r = evaluate(train_ids, test_ids, parse(a.test, base), cons, ex, syn, dis, dis_factors)
         print(f"\ntest split: models {test_ids}, heads {a.test or 'folder settings'} fitted on {len(train_ids)} "
-              f"training models ({a.feature} features)\n")
+              f"training models ({a.feature} features; fidelity {fidelity_line(a.out, test_ids, cons)})\n")
         print("| method | mAP | R@5 | R@10 | R@100 | object mAP / R@10 | style mAP / R@10 |\n|---|---|---|---|---|---|---|")
-        for m in ("features", "tuned"):
+        for m in ("features", "whitened", "tuned") if parse(a.test, base).whiten else ("features", "tuned"):
             print(f"| {m} | {' | '.join(f'{r[m][k]:.3f}' for k in keys)} | {r['object'][m]['map']:.3f} / "
                   f"{r['object'][m]['recall@10']:.3f} | {r['style'][m]['map']:.3f} / {r['style'][m]['recall@10']:.3f} |")
         print(f"\ntuned - untuned mAP: {r['tuned']['map'] - r['features']['map']:+.3f}")

@@ -149,7 +149,8 @@ def test_tuned_heads_learn_what_attribution_needs_and_calibrate():
     syn = feats(syn_group, 0.3)
     dis = torch.nn.functional.normalize(torch.randn(500, d, generator=g), dim=-1)
     heads = train_heads(syn[syn_group < 14], syn_group[syn_group < 14], ex[ex_group < 14], ex_group[ex_group < 14], dis,
-                        TuneConfig(steps=150, lr=1e-2, batch=32, negatives=128, calibrate_steps=50, progress=False))
+                        TuneConfig(steps=150, lr=1e-2, batch=32, negatives=128, calibrate_steps=50, progress=False,
+                                   head="linear", whiten=0))
 
     def evaluate(fq, fr):
         scores, rel = [], []
@@ -163,8 +164,15 @@ def test_tuned_heads_learn_what_attribution_needs_and_calibrate():
     assert tuned > untuned + 0.04, (untuned, tuned)   # measured 0.867 -> 0.935
     hard = train_heads(syn[syn_group < 14], syn_group[syn_group < 14], ex[ex_group < 14], ex_group[ex_group < 14], dis,
                        TuneConfig(steps=150, lr=1e-2, batch=32, negatives=128, calibrate_steps=50, progress=False,
-                                  hard_negatives=16, hard_pool=50))
+                                  head="linear", whiten=0, hard_negatives=16, hard_pool=50))
     assert evaluate(hard.synth, hard.real) > untuned + 0.04   # with each query's nearest distractors as negatives too
+    default = train_heads(syn[syn_group < 14], syn_group[syn_group < 14], ex[ex_group < 14], ex_group[ex_group < 14],
+                          dis, TuneConfig(steps=150, batch=32, negatives=128, calibrate_steps=50, progress=False))
+    # the defaults (whitened, a scale per channel): fitted and trained; whether whitening helps depends on the
+    # training set's variance (here isotropic noise), so their gain is measured on the shapes benchmark instead
+    losses = default.history["loss"]
+    assert default.kind == "channel" and not torch.equal(default.proj, torch.eye(d))
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
     for m in (heads.real_mapper, heads.synth_mapper):   # identity dims up-weighted against the noise dims
         assert m.weight[:8, :8].diag().mean() > 1.2 * m.weight[8:, 8:].diag().mean()
     p = soft_attribution(torch.tensor([0.9, 0.5, 0.1]), float(heads.inv_tau), float(heads.bias))
@@ -174,6 +182,29 @@ def test_tuned_heads_learn_what_attribution_needs_and_calibrate():
     assert torch.equal(load_heads(tmp).real_mapper.weight, heads.real_mapper.weight)
     with pytest.raises(DifflabError, match="tuned on encoder 'shapes-clip'"):
         load_heads(tmp, "facebook/dino-vitb16")
+
+
+def test_whitening_decorrelates_the_training_set_and_survives_save_and_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from difflab.attribute import load_heads, save_heads
+    from difflab.attribute.tuned import Heads
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 8, generator=g) @ torch.randn(8, 8, generator=g) + 3   # correlated, off-centre
+    heads = Heads(8, "channel")
+    heads.fit_whitening(x, shrink=0.0)
+    w = (x - heads.mean) @ heads.proj
+    cov = w.T @ w / len(w)
+    assert torch.allclose(w.mean(0), torch.zeros(8), atol=1e-4)
+    assert torch.allclose(cov / cov[0, 0], torch.eye(8), atol=1e-3)   # white, up to one scale (cosine ignores it)
+    save_heads(heads, tmp_path / "h", "shapes-clip")
+    back = load_heads(tmp_path / "h")
+    assert torch.equal(back.proj, heads.proj) and torch.equal(back.real(x[:3]), heads.real(x[:3]))
+    # heads saved before the whitening existed hold no mean/proj: they load as the identity
+    state = {k: v for k, v in load_file(tmp_path / "h" / "heads.safetensors").items() if k not in ("mean", "proj")}
+    save_file(state, tmp_path / "h" / "heads.safetensors")
+    old = load_heads(tmp_path / "h")
+    assert torch.equal(old.proj, torch.eye(8)) and torch.equal(old.mean, torch.zeros(8))
 
 
 def test_hard_negative_pools_hold_the_nearest_distractors_and_no_copy_of_the_own_exemplars():
@@ -305,6 +336,12 @@ def test_benchmark_cli_passes_the_tuning_options(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     t = seen["cfg"].tune
     assert (t.head, t.lr, t.hard_negatives, t.temperature) == ("channel", 0.003, 16, 0.02)
+    r = _cli("attribute", "benchmark", "--out", tmp_path / "b", "--tune-head", "linear", "--tune-lr", "1e-4",
+             "--tune-whiten", "0")
+    assert (seen["cfg"].tune.head, seen["cfg"].tune.lr, seen["cfg"].tune.whiten) == ("linear", 1e-4, 0)
+    from difflab.attribute import TuneConfig
+    _cli("attribute", "benchmark", "--out", tmp_path / "b")
+    assert seen["cfg"].tune == TuneConfig(progress=seen["cfg"].tune.progress)   # the CLI's defaults are TuneConfig's
 
 
 def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):
@@ -318,7 +355,7 @@ def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):
     m = run_benchmark(tmp_path / "abc", cfg, progress=False)
     with pytest.raises(DifflabError, match=r"other settings \(style\)"):   # its models would be mixed with others
         run_benchmark(tmp_path / "abc", replace(cfg, style="combination"), progress=False)
-    for name in ("features", "tuned", "unlearn", "oracle"):
+    for name in ("features", "whitened", "tuned", "unlearn", "oracle"):
         assert set(m[name]) == {"map", "recall@5", "recall@10", "recall@100"} and 0 < m[name]["map"] <= 1
     # the test model (1) is a style model: its fidelity is a share of its 2 queries, and its row is the whole split
     assert set(m["fidelity"]) == {"style"} and m["fidelity"]["style"] in (0.0, 0.5, 1.0)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from difflab.attribute.features import cached_features, embed_images
-from difflab.attribute.tuned import TuneConfig, save_heads, train_heads
+from difflab.attribute.tuned import TuneConfig, save_heads, train_heads, whitening_only
 from difflab.attribute.unlearn import TrainingData, UnlearnConfig, attribute_by_unlearning, sweep_losses
 from difflab.core.runs import atomic_write_json, refuse_other_settings, write_metrics
 from difflab.customize import CustomizeConfig
@@ -302,16 +302,21 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     def candidates(j: int, n_dis: int | None = None) -> torch.Tensor:
         return kept_distractors(cons[j], dis_factors[:n_dis])
 
+    white = whitening_only(dis_feats, cfg.tune.whiten) if cfg.tune.whiten else None
     with torch.no_grad():
         real_dis = heads.real(dis_feats)
+        white_dis = white.real(dis_feats) if white else None
 
     @torch.no_grad()
     def feature_scores(j: int, q: int, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Query q of model j against the kept distractors, then its model's exemplars: untuned, tuned, and the
-        oracle's factor readings (the reference)."""
-        return {"features": torch.cat([dis_feats[keep], ex[j]]) @ syn[j][q],
-                "tuned": torch.cat([real_dis[keep], heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0],
-                "oracle": torch.cat([dis_oracle[keep], ref[j]["exemplars"]]) @ ref[j]["synth"][q]}
+        """Query q of model j against the kept distractors, then its model's exemplars: untuned, whitened only
+        (when the heads whiten), tuned, and the oracle's factor readings (the reference)."""
+        out = {"features": torch.cat([dis_feats[keep], ex[j]]) @ syn[j][q]}
+        if white is not None:
+            out["whitened"] = torch.cat([white_dis[keep], white.real(ex[j])]) @ white.synth(syn[j][q:q + 1])[0]
+        out["tuned"] = torch.cat([real_dis[keep], heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0]
+        out["oracle"] = torch.cat([dis_oracle[keep], ref[j]["exemplars"]]) @ ref[j]["synth"][q]
+        return out
 
     per = score_queries(test_ids, cons, dis_factors, {j: len(s) for j, s in syn.items()},
                         {j: len(e) for j, e in ex.items()}, feature_scores)
@@ -352,7 +357,7 @@ def unlearn_eval(out: Path, cfg: BenchmarkConfig, test_ids, n_exemplars: dict[in
     dis = TrainingData(full.z[:n], full.c[:n], full.files[:n])
     fisher = cached_fisher(base.unet, base.scheduler, TrainingData(dis.z, dis.c, dis.files, out / "distractors"),
                            cfg.unlearn, progress=progress)
-    rows = {"unlearn": [], "features": [], "tuned": [], "oracle": []}
+    rows: dict[str, list[dict]] = {"unlearn": []}
     forgot = []   # per query: how much unlearning raised the candidates' losses overall (unlearn.forgetting)
     for j in test_ids:
         pipe = load_pipeline("shapes")
@@ -376,7 +381,7 @@ def unlearn_eval(out: Path, cfg: BenchmarkConfig, test_ids, n_exemplars: dict[in
                 forgot.append(forgetting(tau, before))
                 save_tensors(saved, {"tau": tau, "forgetting": torch.tensor(forgot[-1])})
             for name, scores in {"unlearn": tau, **feature_scores(j, q, keep)}.items():
-                rows[name].append(rank_metrics(scores, n_exemplars[j]))
+                rows.setdefault(name, []).append(rank_metrics(scores, n_exemplars[j]))
     res = {m: _mean(r) for m, r in rows.items()}
     res["queries"] = len(rows["unlearn"])
     res["candidates"] = n

@@ -74,13 +74,17 @@ def _shard(value: str) -> tuple[int, int]:
               help="What each model's Custom Diffusion trains: cross-attention K/V, or all of cross-attention (more "
                    "of the style models' queries show their exemplars: docs/BENCHMARKS.md, attribution, session 11).")
 @click.option("--tune-steps", type=click.IntRange(1), default=300, show_default=True)
-@click.option("--tune-negatives", type=click.IntRange(1), default=1024, show_default=True,
+# (the defaults are TuneConfig's, written out: the CLI imports no torch before a command runs)
+@click.option("--tune-negatives", type=click.IntRange(1), default=4096, show_default=True,
               help="Distractors drawn per step of the heads' contrastive loss.")
-@click.option("--tune-temperature", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True,
+@click.option("--tune-temperature", type=click.FloatRange(min=0, min_open=True), default=0.02, show_default=True,
               help="Temperature of the heads' contrastive loss.")
-@click.option("--tune-head", type=click.Choice(["linear", "channel"]), default="linear", show_default=True,
-              help="The heads: AbC's linear maps, or a scale per feature channel (AbC's ablation).")
-@click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option("--tune-head", type=click.Choice(["linear", "channel"]), default="channel", show_default=True,
+              help="The heads: a scale per feature channel (AbC's ablation), or AbC's linear maps.")
+@click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True,
+              help="Learning rate of the heads (AbC's linear heads: 1e-4).")
+@click.option("--tune-whiten", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="Whiten the features with the distractors' principal axes first, with this shrinkage (0: off).")
 @click.option("--tune-hard-negatives", type=click.IntRange(0), default=0, show_default=True,
               help="Per query and step, also this many of its 200 nearest distractors as negatives.")
 @click.option("--unlearn-queries", type=click.IntRange(0), default=2, show_default=True, help="AbU queries per test model (0: skip).")
@@ -94,8 +98,8 @@ def _shard(value: str) -> tuple[int, int]:
               help="I/N: build only every N-th model from the I-th, so N processes or machines sharing OUT split the "
                    "build; the last to finish evaluates and writes metrics.json.")
 def attribute_benchmark(out, models, extra_train_models, synth, distractors, customize_steps, recipe, customize_params,
-                        tune_steps, tune_negatives, tune_temperature, tune_head, tune_lr, tune_hard_negatives,
-                        unlearn_queries, unlearn_distractors, encoder, style, shard):
+                        tune_steps, tune_negatives, tune_temperature, tune_head, tune_lr, tune_whiten,
+                        tune_hard_negatives, unlearn_queries, unlearn_distractors, encoder, style, shard):
     """The AbC-style benchmark on the shapes world: exemplars -> Custom Diffusion models -> synthesized queries;
     tunes the heads (OUT/heads) and writes metrics.json: {"features": {"map", "recall@5", "recall@10",
     "recall@100"}, "tuned": {...}, "unlearn": {...}}."""
@@ -111,7 +115,7 @@ def attribute_benchmark(out, models, extra_train_models, synth, distractors, cus
     cfg = BenchmarkConfig(models=models, extra_train_models=extra_train_models, synth_per_model=synth, distractors=distractors, encoder=encoder,
                           customize=ccfg, tune=TuneConfig(steps=tune_steps, negatives=tune_negatives,
                                                           temperature=tune_temperature, head=tune_head, lr=tune_lr,
-                                                          hard_negatives=tune_hard_negatives), unlearn_queries=unlearn_queries,
+                                                          whiten=tune_whiten, hard_negatives=tune_hard_negatives), unlearn_queries=unlearn_queries,
                           unlearn_distractors=unlearn_distractors, style=style)
     click.echo(json.dumps(run_benchmark(out, cfg, shard=_shard(shard)), indent=2))
 
