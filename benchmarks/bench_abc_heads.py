@@ -95,6 +95,9 @@ def main():
     ap.add_argument("--grid", nargs="*", default=[], help="TuneConfig settings to compare on validation")
     ap.add_argument("--test", default=None, help="TuneConfig settings to fit on all training models and test")
     ap.add_argument("--feature", default="encoder", choices=["encoder", "oracle"])
+    ap.add_argument("--split", default=None, metavar="MODELS,EXTRA",
+                    help="re-split the built models: the first MODELS/2 and the EXTRA after MODELS train, models "
+                         "MODELS/2..MODELS-1 test (model j is the same whatever the split); default: the folder's")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -104,6 +107,8 @@ def main():
     cfg = BenchmarkConfig(**{k: v for k, v in raw.items() if k in ("models", "extra_train_models", "synth_per_model",
                                                                     "distractors", "concept_seed", "encoder", "style",
                                                                     "seed")})
+    if a.split:
+        cfg.models, cfg.extra_train_models = (int(v) for v in a.split.split(","))
     base = TuneConfig(**{**raw["tune"], "progress": False})
     cons = concepts(cfg)
     # a folder still being built: its built models only
