@@ -213,9 +213,11 @@ def stack_groups(ids, feats) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([feats[j] for j in ids]), torch.cat([torch.full((len(feats[j]),), j) for j in ids])
 
 
-def score_queries(ids, cons: list[dict], dis_factors: list[str], n_queries, n_exemplars, scores_fn) -> dict[str, list[dict]]:
+def score_queries(ids, cons: list[dict], dis_factors: list[str], n_queries, n_exemplars,
+                  scores_fn) -> dict[str, list[dict]]:
     """AbC's metrics of every query of models `ids` (n_queries[j] queries, n_exemplars[j] exemplars):
-    scores_fn(j, q, keep) -> {method: scores over the kept distractors then model j's exemplars}. Returns {method: [{"model", "query", "map", "recall@K"...}]}."""
+    scores_fn(j, q, keep) -> {method: scores over the kept distractors then model j's exemplars}.
+    Returns {method: [{"model", "query", "map", "recall@K", ...} per query]}."""
     per: dict[str, list[dict]] = {}
     for j in ids:
         keep = kept_distractors(cons[j], dis_factors)
@@ -330,8 +332,8 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     metrics["models"] = {"train": len(train_ids), "test": len(test_ids)}
     metrics["queries"] = len(per["features"])
     if cfg.unlearn_queries:
-        metrics["unlearn_subset"] = unlearn_eval(out, cfg, test_ids, {j: len(e) for j, e in ex.items()}, candidates, feature_scores,
-                                                 progress)
+        metrics["unlearn_subset"] = unlearn_eval(out, cfg, test_ids, {j: len(e) for j, e in ex.items()}, candidates,
+                                                 feature_scores, progress)
         metrics["unlearn"] = metrics["unlearn_subset"]["unlearn"]
     metrics["seconds"] = {"build": round(t_build, 1), "tune": round(t_tune, 1), "total": round(time.time() - t0, 1)}
     atomic_write_json(out / "per_query.json", per)

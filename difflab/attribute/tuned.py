@@ -13,7 +13,7 @@ benchmark (docs/BENCHMARKS.md, attribution, session 12), where it beat AbC's lin
 
 They are trained contrastively (InfoNCE) on a benchmark's training split: each query's exemplars are positives,
 the other queries' exemplars in the batch and sampled distractors are negatives. AbC's training code is not
-released; the temperature (0.05), batch make-up and schedule here are difflab's choices (the reference lists them
+released; the temperature (0.02), batch make-up and schedule here are difflab's choices (the reference lists them
 as unknown). Soft attribution turns the scores of one query into probabilities with AbC's calibrator:
 
     p_i = trunc_i / Σ_j trunc_j,   trunc_i = ReLU(exp(inv_tau (s_i - max_j s_j)) + 0.001 bias)
