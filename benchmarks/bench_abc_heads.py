@@ -1,17 +1,19 @@
 """Tuned heads on a built AbC-style benchmark: settings chosen on held-out training models, then the test split.
 
-    python benchmarks/bench_abc_heads.py OUT --val 8 --grid "steps=300" "steps=300,hard_negatives=32"
-    python benchmarks/bench_abc_heads.py OUT --test "steps=300,hard_negatives=32"
-    python benchmarks/bench_abc_heads.py OUT --feature oracle --val 8 --grid "steps=300"
+    python benchmarks/bench_abc_heads.py OUT --val 8 --grid "head=linear,lr=0.0001,whiten=0" "whiten=0.3"
+    python benchmarks/bench_abc_heads.py OUT --test "head=channel,lr=0.003,whiten=0.1"
+    python benchmarks/bench_abc_heads.py OUT --feature oracle --val 8 --grid "head=channel,lr=0.003,whiten=0"
+    python benchmarks/bench_abc_heads.py OUT --split 32,24 --test "..."    # the built models split another way
 
 OUT is a folder built by `difflab attribute benchmark`. Each --grid entry is a set of TuneConfig fields
 (comma-separated key=value) on top of the folder's own tune settings (a field the folder does not record takes
-TuneConfig's default: spell out whiten=0 for heads on the encoder's features as they are). With whitening, a
-"whitening only" row scores the whitened features before any head is trained. Validation: the heads are fitted on every
-training model but the last --val, and scored (as the benchmark scores its test split) on those --val models; the
-test split is not looked at. --test fits on all training models and scores the test split, by kind too.
---feature oracle replaces the encoder's features by the oracle's factor readings (benchmark.oracle_features): what
-the heads make of a feature that reads every factor exactly. Prints markdown tables; 1 thread reproduces to the digit.
+TuneConfig's default: spell out head, lr and whiten to be sure what runs). With whitening, a "whitening only" row
+scores the whitened features before any head is trained. Validation: the heads are fitted on every training model
+but the last --val, and scored (as the benchmark scores its test split) on those --val models; the test split is
+not looked at. --test fits on all training models and scores the test split, by kind too. --feature oracle
+replaces the encoder's features by the oracle's factor readings (benchmark.oracle_features): what the heads make
+of a feature that reads every factor exactly. Each header line gives the scored models' fidelity (how often their
+queries show the exemplars' held-out value). Prints markdown tables; 1 thread reproduces to the digit.
 """
 import argparse
 import dataclasses
