@@ -97,7 +97,8 @@ class Heads(torch.nn.Module):
         self.mean.copy_(x.mean(0))
         _, sigma, vh = torch.linalg.svd(x - self.mean, full_matrices=False)
         proj = torch.zeros(self.dim, self.dim)
-        proj[:, :len(sigma)] = vh.T / (sigma / sigma[0] + shrink)   # (fewer images than dims: the rest stays zero)
+        top = sigma[0].clamp_min(1e-12)   # (identical features: no axis of variation, the projection stays finite)
+        proj[:, :len(sigma)] = vh.T / (sigma / top + shrink)   # (fewer images than dims: the rest stays zero)
         self.proj.copy_(proj)
 
     def _in(self, f: torch.Tensor) -> torch.Tensor:
