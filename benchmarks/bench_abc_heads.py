@@ -52,22 +52,13 @@ def oracle_bank(out: Path, ids):
 
 def evaluate(fit_ids, eval_ids, tcfg, cons, ex, syn, dis, dis_factors):
     """Heads fitted on fit_ids; {method: mean metrics}, and by kind, over eval_ids' queries."""
-    from difflab.attribute.benchmark import _mean, score_queries, stack_groups
-    from difflab.attribute.tuned import train_heads, whitening_only
+    from difflab.attribute.benchmark import _mean, feature_scorer, score_queries, stack_groups
+    from difflab.attribute.tuned import train_heads
     s, g = stack_groups(fit_ids, syn)
     e, ge = stack_groups(fit_ids, ex)
     heads = train_heads(s, g, e, ge, dis, tcfg)
-    white = whitening_only(dis, tcfg.whiten)   # what the heads add to the whitening alone
-    with torch.no_grad():
-        real_dis, white_dis = heads.real(dis), white.real(dis)
-
-    @torch.no_grad()
-    def scores(j, q, keep):
-        return {"features": torch.cat([dis[keep], ex[j]]) @ syn[j][q],
-                "whitened": torch.cat([white_dis[keep], white.real(ex[j])]) @ white.synth(syn[j][q:q + 1])[0],
-                "tuned": torch.cat([real_dis[keep], heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0]}
     per = score_queries(eval_ids, cons, dis_factors, {j: len(x) for j, x in syn.items()},
-                        {j: len(x) for j, x in ex.items()}, scores)
+                        {j: len(x) for j, x in ex.items()}, feature_scorer(dis, ex, syn, heads))
     strip = lambda r: {k: v for k, v in r.items() if k not in ("model", "query")}
     res = {m: _mean([strip(r) for r in rows]) for m, rows in per.items()}
     for kind in ("object", "style"):

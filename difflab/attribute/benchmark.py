@@ -208,6 +208,24 @@ def benchmark_features(out: Path, cfg: BenchmarkConfig, ids):
     return ex, syn, dis_feats, dis_factors
 
 
+def feature_scorer(dis: torch.Tensor, ex, syn, heads):
+    """score_queries' scores_fn for features: query q of model j against the kept distractors, then its model's
+    exemplars, untuned, whitened only (when the heads whiten) and tuned. The distractors are mapped once."""
+    white = whitening_only(heads) if heads.whitened else None
+    with torch.no_grad():
+        real_dis = heads.real(dis)
+        white_dis = white.real(dis) if white else None
+
+    @torch.no_grad()
+    def scores(j: int, q: int, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"features": torch.cat([dis[keep], ex[j]]) @ syn[j][q]}
+        if white is not None:
+            out["whitened"] = torch.cat([white_dis[keep], white.real(ex[j])]) @ white.synth(syn[j][q:q + 1])[0]
+        out["tuned"] = torch.cat([real_dis[keep], heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0]
+        return out
+    return scores
+
+
 def stack_groups(ids, feats) -> tuple[torch.Tensor, torch.Tensor]:
     """The features of models `ids` stacked, and the model each row belongs to (train_heads' groups)."""
     return torch.cat([feats[j] for j in ids]), torch.cat([torch.full((len(feats[j]),), j) for j in ids])
@@ -304,21 +322,13 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     def candidates(j: int, n_dis: int | None = None) -> torch.Tensor:
         return kept_distractors(cons[j], dis_factors[:n_dis])
 
-    white = whitening_only(dis_feats, cfg.tune.whiten) if cfg.tune.whiten else None
-    with torch.no_grad():
-        real_dis = heads.real(dis_feats)
-        white_dis = white.real(dis_feats) if white else None
+    encoder_scores = feature_scorer(dis_feats, ex, syn, heads)
 
     @torch.no_grad()
     def feature_scores(j: int, q: int, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Query q of model j against the kept distractors, then its model's exemplars: untuned, whitened only
-        (when the heads whiten), tuned, and the oracle's factor readings (the reference)."""
-        out = {"features": torch.cat([dis_feats[keep], ex[j]]) @ syn[j][q]}
-        if white is not None:
-            out["whitened"] = torch.cat([white_dis[keep], white.real(ex[j])]) @ white.synth(syn[j][q:q + 1])[0]
-        out["tuned"] = torch.cat([real_dis[keep], heads.real(ex[j])]) @ heads.synth(syn[j][q:q + 1])[0]
-        out["oracle"] = torch.cat([dis_oracle[keep], ref[j]["exemplars"]]) @ ref[j]["synth"][q]
-        return out
+        """feature_scorer's rows, and the oracle's factor readings (the reference)."""
+        return {**encoder_scores(j, q, keep),
+                "oracle": torch.cat([dis_oracle[keep], ref[j]["exemplars"]]) @ ref[j]["synth"][q]}
 
     per = score_queries(test_ids, cons, dis_factors, {j: len(s) for j, s in syn.items()},
                         {j: len(e) for j, e in ex.items()}, feature_scores)

@@ -101,6 +101,10 @@ class Heads(torch.nn.Module):
         proj[:, :len(sigma)] = vh.T / (sigma / top + shrink)   # (fewer images than dims: the rest stays zero)
         self.proj.copy_(proj)
 
+    @property
+    def whitened(self) -> bool:
+        return bool(self.mean.any()) or not torch.equal(self.proj, torch.eye(self.dim, device=self.proj.device))
+
     def _in(self, f: torch.Tensor) -> torch.Tensor:
         return (f.float() - self.mean) @ self.proj
 
@@ -111,11 +115,12 @@ class Heads(torch.nn.Module):
         return F.normalize(self.synth_mapper(self._in(f)), dim=-1)
 
 
-def whitening_only(train_features: torch.Tensor, shrink: float) -> Heads:
-    """Heads that only whiten (scales of one): the features before any head is trained, for comparison."""
-    heads = Heads(train_features.shape[-1], "channel")
-    heads.fit_whitening(train_features, shrink)
-    return heads.eval().requires_grad_(False)
+def whitening_only(heads: Heads) -> Heads:
+    """Heads with `heads`' whitening and scales of one: its features before any head was trained, for comparison."""
+    white = Heads(heads.dim, "channel")
+    white.mean.copy_(heads.mean)
+    white.proj.copy_(heads.proj)
+    return white.eval().requires_grad_(False)
 
 
 def _trunc(scores: torch.Tensor, inv_tau, bias, smooth: bool) -> torch.Tensor:

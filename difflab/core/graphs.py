@@ -44,20 +44,21 @@ class GraphedUNet:
         return (self.enabled and x.is_cuda and torch.is_grad_enabled() and self.unet.training
                 and not torch.is_autocast_enabled())
 
+    def _eager(self, x, t, c, added_cond_kwargs):
+        return self.unet(x, t, c, **({"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}))
+
     def __call__(self, x, t, c, added_cond_kwargs: dict | None = None):
         add_keys = tuple(sorted(added_cond_kwargs)) if added_cond_kwargs else ()
         add = tuple(added_cond_kwargs[k] for k in add_keys)
         if not self._usable(x):
-            kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
-            return self.unet(x, t, c, **kwargs)
+            return self._eager(x, t, c, added_cond_kwargs)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         args = (x, t, c, *add)
         key = (add_keys,) + tuple((a.shape, a.dtype, a.requires_grad) for a in args)
         g = self.graphs.get(key)
         if g is None:
             if len(self.graphs) >= self.max_graphs:   # shapes that keep changing: graphs would not pay
-                kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
-                return self.unet(x, t, c, **kwargs)
+                return self._eager(x, t, c, added_cond_kwargs)
             # the sample inputs become the graph's static input buffers: give it copies of its own
             sample = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
             g = torch.cuda.make_graphed_callables(_Forward(self.unet, add_keys), sample, allow_unused_input=True)
