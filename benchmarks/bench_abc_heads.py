@@ -4,6 +4,8 @@
     python benchmarks/bench_abc_heads.py OUT --test "head=channel,lr=0.003,whiten=0.1"
     python benchmarks/bench_abc_heads.py OUT --feature oracle --val 8 --grid "head=channel,lr=0.003,whiten=0"
     python benchmarks/bench_abc_heads.py OUT --split 32,24 --test "..."    # the built models split another way
+    python benchmarks/bench_abc_heads.py OUT --per-kind --test "..."        # heads per family (AbC's ablation)
+    python benchmarks/bench_abc_heads.py OUT --encoder shapes-dreamsim --test "..."   # another encoder
 
 OUT is a folder built by `difflab attribute benchmark`. Each --grid entry is a set of TuneConfig fields
 (comma-separated key=value) on top of the folder's own tune settings (a field the folder does not record takes
@@ -12,7 +14,10 @@ scores the whitened features before any head is trained. Validation: the heads a
 but the last --val, and scored (as the benchmark scores its test split) on those --val models; the test split is
 not looked at. --test fits on all training models and scores the test split, by kind too. --feature oracle
 replaces the encoder's features by the oracle's factor readings (benchmark.oracle_features): what the heads make
-of a feature that reads every factor exactly. Each header line gives the scored models' fidelity (how often their
+of a feature that reads every factor exactly; --encoder scores another encoder than the folder's (its features of
+the distractors are cached beside them). --per-kind fits one pair of heads on the object models and one on the
+style models, each scoring its own family's queries (AbC released such object-only and style-only heads as an
+ablation): it says what a weighting that depends on the family buys. Each header line gives the scored models' fidelity (how often their
 queries show the exemplars' held-out value). Prints markdown tables; 1 thread reproduces to the digit.
 """
 import argparse
@@ -50,15 +55,23 @@ def oracle_bank(out: Path, ids):
     return {j: t[f"exemplars-{j}"] for j in ids}, {j: t[f"synth-{j}"] for j in ids}, t["dis"]
 
 
-def evaluate(fit_ids, eval_ids, tcfg, cons, ex, syn, dis, dis_factors):
-    """Heads fitted on fit_ids; {method: mean metrics}, and by kind, over eval_ids' queries."""
+def evaluate(fit_ids, eval_ids, tcfg, cons, ex, syn, dis, dis_factors, per_kind=False):
+    """Heads fitted on fit_ids; {method: mean metrics}, and by kind, over eval_ids' queries. per_kind: one pair of
+    heads per family, fitted on its models only and scoring its queries only (AbC's object-only and style-only
+    heads, an ablation of the paper), as if the benchmark case said which family a query comes from."""
     from difflab.attribute.benchmark import _mean, feature_scorer, score_queries, stack_groups
     from difflab.attribute.tuned import train_heads
-    s, g = stack_groups(fit_ids, syn)
-    e, ge = stack_groups(fit_ids, ex)
-    heads = train_heads(s, g, e, ge, dis, tcfg)
-    per = score_queries(eval_ids, cons, dis_factors, {j: len(x) for j, x in syn.items()},
-                        {j: len(x) for j, x in ex.items()}, feature_scorer(dis, ex, syn, heads))
+    per = {}
+    for kind in ("object", "style") if per_kind else (None,):
+        fit = [j for j in fit_ids if kind in (None, cons[j]["kind"])]
+        scored = [j for j in eval_ids if kind in (None, cons[j]["kind"])]
+        s, g = stack_groups(fit, syn)
+        e, ge = stack_groups(fit, ex)
+        heads = train_heads(s, g, e, ge, dis, tcfg)
+        rows = score_queries(scored, cons, dis_factors, {j: len(x) for j, x in syn.items()},
+                             {j: len(x) for j, x in ex.items()}, feature_scorer(dis, ex, syn, heads))
+        for m, r in rows.items():
+            per.setdefault(m, []).extend(r)
     strip = lambda r: {k: v for k, v in r.items() if k not in ("model", "query")}
     res = {m: _mean([strip(r) for r in rows]) for m, rows in per.items()}
     for kind in ("object", "style"):
@@ -88,6 +101,10 @@ def main():
     ap.add_argument("--grid", nargs="*", default=[], help="TuneConfig settings to compare on validation")
     ap.add_argument("--test", default=None, help="TuneConfig settings to fit on all training models and test")
     ap.add_argument("--feature", default="encoder", choices=["encoder", "oracle"])
+    ap.add_argument("--encoder", default=None, help="score another encoder's features than the folder's (e.g. "
+                                                     "shapes-dreamsim)")
+    ap.add_argument("--per-kind", action="store_true", help="one pair of heads per family (AbC's object-only and "
+                                                             "style-only heads), each scoring its own family's queries")
     ap.add_argument("--split", default=None, metavar="MODELS,EXTRA",
                     help="re-split the built models: the first MODELS/2 and the EXTRA after MODELS train, models "
                          "MODELS/2..MODELS-1 test (model j is the same whatever the split); default: the folder's")
@@ -100,6 +117,8 @@ def main():
     cfg = BenchmarkConfig(**{k: v for k, v in raw.items() if k in ("models", "extra_train_models", "synth_per_model",
                                                                     "distractors", "concept_seed", "encoder", "style",
                                                                     "seed")})
+    if a.encoder:
+        cfg.encoder = a.encoder
     if a.split:
         cfg.models, cfg.extra_train_models = (int(v) for v in a.split.split(","))
     base = TuneConfig(**{**raw["tune"], "progress": False})
@@ -112,16 +131,18 @@ def main():
     train_ids, test_ids = ([j for j in ids if j in built] for ids in _split(cfg))
 
     keys = ("map", "recall@5", "recall@10", "recall@100")
+    feature = "oracle" if a.feature == "oracle" else cfg.encoder
+    kinds = ", heads per family" if a.per_kind else ""
     if a.grid:
         fit, val = train_ids[:-a.val], train_ids[-a.val:]
         if a.val_models:
             val = [int(v) for v in a.val_models.split(",")]
             fit = [j for j in train_ids if j not in val]
-        print(f"validation: fitted on {len(fit)} training models, scored on models {val} ({a.feature} features; "
+        print(f"validation: fitted on {len(fit)} training models, scored on models {val} ({feature} features{kinds}; "
               f"fidelity {fidelity_line(a.out, val, cons)})\n")
         print("| heads | val mAP | R@5 | R@10 | R@100 | object mAP / R@10 | style mAP / R@10 |\n|---|---|---|---|---|---|---|")
         for i, spec in enumerate(a.grid):
-            r = evaluate(fit, val, parse(spec, base), cons, ex, syn, dis, dis_factors)
+            r = evaluate(fit, val, parse(spec, base), cons, ex, syn, dis, dis_factors, a.per_kind)
             if i == 0:
                 f = r["features"]
                 print(f"| untuned | {' | '.join(f'{f[k]:.3f}' for k in keys)} | {r['object']['features']['map']:.3f} / "
@@ -137,9 +158,9 @@ def main():
                   f"{r['object']['tuned']['map']:.3f} / {r['object']['tuned']['recall@10']:.3f} | "
                   f"{r['style']['tuned']['map']:.3f} / {r['style']['tuned']['recall@10']:.3f} |", flush=True)
     if a.test is not None:
-        r = evaluate(train_ids, test_ids, parse(a.test, base), cons, ex, syn, dis, dis_factors)
+        r = evaluate(train_ids, test_ids, parse(a.test, base), cons, ex, syn, dis, dis_factors, a.per_kind)
         print(f"\ntest split: models {test_ids}, heads {a.test or 'folder settings'} fitted on {len(train_ids)} "
-              f"training models ({a.feature} features; fidelity {fidelity_line(a.out, test_ids, cons)})\n")
+              f"training models ({feature} features{kinds}; fidelity {fidelity_line(a.out, test_ids, cons)})\n")
         print("| method | mAP | R@5 | R@10 | R@100 | object mAP / R@10 | style mAP / R@10 |\n|---|---|---|---|---|---|---|")
         for m in ("features", "whitened", "tuned") if parse(a.test, base).whiten else ("features", "tuned"):
             print(f"| {m} | {' | '.join(f'{r[m][k]:.3f}' for k in keys)} | {r['object'][m]['map']:.3f} / "

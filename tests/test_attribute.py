@@ -44,6 +44,21 @@ def test_feature_cache_is_reused_and_refuses_another_encoder_or_files(tmp_path):
         cached_features(d)
 
 
+def test_dreamsim_embeddings_serve_as_attribution_features(tmp_path):
+    from difflab.core.data import load_folder_images
+    from difflab.similarity import dreamsim
+    from difflab.world import sample_folder
+    d = sample_folder(tmp_path / "train", n=8, seed=4)
+    f, files = cached_features(d, "shapes-dreamsim")
+    model, pre = dreamsim()
+    with torch.no_grad():
+        ref = model.embed(torch.cat([pre(im) for im in load_folder_images(d)]))
+    assert f.shape == (8, 64) and torch.allclose(f, torch.nn.functional.normalize(ref, dim=-1), atol=1e-5)
+    assert not torch.allclose(f, cached_features(d, "shapes-clip")[0])   # its own cache beside the CLIP one
+    model.save_pretrained(tmp_path / "ds")   # a DreamSim folder, as `difflab similarity train` saves
+    assert torch.allclose(embed_images(load_folder_images(d)[:2], str(tmp_path / "ds")), f[:2], atol=1e-5)
+
+
 def test_faiss_flat_index_gives_the_exact_ranking():
     pytest.importorskip("faiss", reason="faiss is an optional extra (pip install 'difflab[faiss]'); not installed here")
     from difflab.attribute.features import faiss_index

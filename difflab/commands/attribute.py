@@ -30,7 +30,8 @@ def attribute():
 @click.option("--prompt", default=None, help="The query's prompt (unlearn; default: from metadata.jsonl beside it).")
 @click.option("--k", "k", type=click.IntRange(1), default=10, show_default=True, help="Top images in the sheet.")
 @click.option("--encoder", default="shapes-clip", show_default=True,
-              help="features/tuned: shapes-clip or a transformers CLIP/DINO folder or hub id.")
+              help="features/tuned: shapes-clip, shapes-dreamsim (the shipped DreamSim), a DreamSim folder, or a "
+                   "transformers CLIP/DINO folder or hub id.")
 @click.option("--heads", type=click.Path(path_type=Path), default=None, help="tuned: a heads/ folder.")
 @click.option("--fisher", type=click.Path(path_type=Path), default=None,
               help="unlearn: a Fisher file to use (checked against the model) or to write.")
@@ -89,7 +90,8 @@ def _shard(value: str) -> tuple[int, int]:
               help="Per query and step, also this many of its 200 nearest distractors as negatives.")
 @click.option("--unlearn-queries", type=click.IntRange(0), default=2, show_default=True, help="AbU queries per test model (0: skip).")
 @click.option("--unlearn-distractors", type=click.IntRange(1), default=2000, show_default=True)
-@click.option("--encoder", default="shapes-clip", show_default=True)
+@click.option("--encoder", default="shapes-clip", show_default=True,
+              help="shapes-clip, shapes-dreamsim, a DreamSim folder, or a transformers CLIP/DINO folder or hub id.")
 @click.option("--style", type=click.Choice(["texture", "all-but-shape", "combination"]), default="texture",
               show_default=True,
               help="What a style model's three exemplars share: the held-out texture and a colour; every factor but "
