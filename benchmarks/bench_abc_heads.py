@@ -81,6 +81,28 @@ def evaluate(fit_ids, eval_ids, tcfg, cons, ex, syn, dis, dis_factors, per_kind=
     return res
 
 
+def probe_line(dis: torch.Tensor, dis_factors: list[str], fit: int = 8000, steps: int = 500) -> str:
+    """How well each factor can be read linearly from the features: a softmax probe per factor (features
+    standardised on the first `fit` distractors, Adam 1e-2, `steps` full-batch steps) trained on the first `fit`
+    distractors and scored on the rest."""
+    facts = [json.loads(f) for f in dis_factors]
+    z = (dis - dis[:fit].mean(0)) / dis[:fit].std(0).clamp_min(1e-8)
+    acc = {}
+    for k in facts[0]:
+        vals = sorted({f[k] for f in facts})
+        y = torch.tensor([vals.index(f[k]) for f in facts])
+        torch.manual_seed(0)
+        probe = torch.nn.Linear(z.shape[1], len(vals))
+        opt = torch.optim.Adam(probe.parameters(), 1e-2)
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(probe(z[:fit]), y[:fit]).backward()
+            opt.step()
+        with torch.no_grad():
+            acc[k] = (probe(z[fit:]).argmax(1) == y[fit:]).float().mean().item()
+    return ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
+
+
 def fidelity_line(out: Path, ids, cons) -> str:
     """How often the models' queries show their exemplars' held-out value (benchmark.fidelity), by kind."""
     from difflab.attribute.benchmark import fidelity
@@ -108,6 +130,8 @@ def main():
     ap.add_argument("--split", default=None, metavar="MODELS,EXTRA",
                     help="re-split the built models: the first MODELS/2 and the EXTRA after MODELS train, models "
                          "MODELS/2..MODELS-1 test (model j is the same whatever the split); default: the folder's")
+    ap.add_argument("--probe", action="store_true", help="print how well a linear probe reads each factor from the "
+                                                          "features (fit on 8,000 distractors, scored on the rest)")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -133,6 +157,9 @@ def main():
     keys = ("map", "recall@5", "recall@10", "recall@100")
     feature = "oracle" if a.feature == "oracle" else cfg.encoder
     kinds = ", heads per family" if a.per_kind else ""
+    if a.probe:
+        print(f"linear probe accuracy per factor ({feature} features of held-out distractors): "
+              f"{probe_line(dis, dis_factors)}\n")
     if a.grid:
         fit, val = train_ids[:-a.val], train_ids[-a.val:]
         if a.val_models:
