@@ -17,8 +17,10 @@ replaces the encoder's features by the oracle's factor readings (benchmark.oracl
 of a feature that reads every factor exactly; --encoder scores another encoder than the folder's (its features of
 the distractors are cached beside them). --per-kind fits one pair of heads on the object models and one on the
 style models, each scoring its own family's queries (AbC released such object-only and style-only heads as an
-ablation): it says what a weighting that depends on the family buys. Each header line gives the scored models' fidelity (how often their
-queries show the exemplars' held-out value). Prints markdown tables; 1 thread reproduces to the digit.
+ablation): it says what a weighting that depends on the family buys. --probe says how well each factor can be read
+linearly from the features (probes fitted on 8,000 distractors, scored on the other 2,000). Each header line gives
+the scored models' fidelity (how often their queries show the exemplars' held-out value). Prints markdown tables;
+1 thread reproduces to the digit.
 """
 import argparse
 import dataclasses

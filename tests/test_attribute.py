@@ -49,7 +49,7 @@ def test_dreamsim_embeddings_serve_as_attribution_features(tmp_path):
     from difflab.similarity import dreamsim
     from difflab.world import sample_folder
     d = sample_folder(tmp_path / "train", n=8, seed=4)
-    f, files = cached_features(d, "shapes-dreamsim")
+    f, _ = cached_features(d, "shapes-dreamsim")
     model, pre = dreamsim()
     with torch.no_grad():
         ref = model.embed(torch.cat([pre(im) for im in load_folder_images(d)]))
