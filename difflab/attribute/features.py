@@ -27,10 +27,8 @@ def embed_images(images, encoder: str = "shapes-clip", batch_size: int = 256) ->
     """L2-normalised features of PIL images: the CLS features of any `difflab.similarity.load_backbone` encoder,
     or a DreamSim embedding: "shapes-dreamsim" (shipped) or a folder saved by `difflab similarity train`."""
     if encoder == DREAMSIM or (Path(encoder) / "dreamsim_config.json").is_file():
-        from difflab.models import WEIGHTS
-        from difflab.similarity import DreamSim, make_preprocess
-        model = DreamSim.from_pretrained(WEIGHTS / "dreamsim" if encoder == DREAMSIM else encoder)
-        pre = make_preprocess(model.image_size)
+        from difflab.similarity import dreamsim
+        model, pre = dreamsim(model_dir=None if encoder == DREAMSIM else encoder)
         return F.normalize(torch.cat([model.embed(torch.cat([pre(im) for im in images[i:i + batch_size]]))
                                       for i in range(0, len(images), batch_size)]), dim=-1)
     from difflab.metrics import image_features
