@@ -85,6 +85,16 @@ def _load_clip_tower(path: str):
     return ClipVision(m.vision_model, m.visual_projection), m.config.image_size
 
 
+def _normalisation(path, mean, std):
+    """The image_mean / image_std of a local folder's preprocessor_config.json (as transformers' image processors
+    save them), else the given defaults: a CLIP trained on [-1, 1] pixels says 0.5 / 0.5 there."""
+    p = Path(path) / "preprocessor_config.json"
+    if not p.is_file():
+        return mean, std
+    cfg = json.loads(p.read_text())
+    return tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+
+
 def load_backbone(name_or_path: str) -> Backbone:
     """"shapes-clip" (shipped), or a transformers CLIP / DINO / DINOv2 / ViT folder or hub id, or a CNN
     (ResNet, ConvNeXt: its pooled last stage; for detection)."""
@@ -97,7 +107,8 @@ def load_backbone(name_or_path: str) -> Backbone:
         cfg = AutoConfig.from_pretrained(name_or_path)
         if cfg.model_type in ("clip", "clip_vision_model"):
             tower, size = _load_clip_tower(name_or_path)
-            return Backbone(tower, "clip", size, CLIP_MEAN, CLIP_STD, str(name_or_path))
+            mean, std = _normalisation(name_or_path, CLIP_MEAN, CLIP_STD)
+            return Backbone(tower, "clip", size, mean, std, str(name_or_path))
         m = AutoModel.from_pretrained(name_or_path)
     except Exception as e:
         raise DifflabError(f"could not load backbone {name_or_path!r}: {str(e).splitlines()[0][:200]}") from e

@@ -154,3 +154,20 @@ def test_the_shipped_dreamsim_follows_the_rule_on_triplets_it_never_saw(tmp_path
     assert tuned.full_backbones
     s_tuned, s_untuned = (evaluate_2afc(m, trip, 32)["2afc"] for m in (tuned, untuned))
     assert s_tuned >= 0.90 and s_tuned >= s_untuned + 0.10, (s_tuned, s_untuned)
+
+
+def test_a_clip_folder_is_normalised_as_its_preprocessor_config_says(tmp_path):
+    import shutil
+
+    from difflab.models import shapes_dir
+    from difflab.similarity import load_backbone
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    folder = tmp_path / "clip"
+    shutil.copytree(shapes_dir("clip"), folder)   # the shipped CLIP, trained on [-1, 1] pixels, as a plain folder
+    with torch.no_grad():
+        ref = load_backbone("shapes-clip").eval()(x)
+        openai_stats = load_backbone(str(folder)).eval()(x)   # no preprocessor_config.json: OpenAI's statistics
+        (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+        own_stats = load_backbone(str(folder)).eval()(x)
+    assert torch.allclose(own_stats, ref, atol=1e-6)
+    assert not torch.allclose(openai_stats, ref, atol=1e-3)

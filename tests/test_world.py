@@ -98,3 +98,19 @@ def test_cli_captions_are_distinct_and_never_name_heldout_values():
     heldout = {v for f in FACTORS for v in FACTORS[f][1]}
     assert not any(set(parse_prompt(c).values()) & heldout for c in lines)
     assert lines == CliRunner().invoke(main, ["world", "captions", "--n", "50", "--seed", "3"]).output.splitlines()
+
+
+def test_soft_clip_loss_is_clips_infonce_with_repeated_captions_as_shared_positives():
+    import torch
+    import torch.nn.functional as F
+
+    from difflab.world.train import soft_clip_loss
+    logits = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    distinct = torch.arange(6)   # every caption different: CLIP's symmetric cross-entropy on the diagonal
+    clip = (F.cross_entropy(logits, distinct) + F.cross_entropy(logits.T, distinct)) / 2
+    assert torch.allclose(soft_clip_loss(logits, distinct), clip)
+    same = torch.tensor([0, 0, 1, 2, 3, 4])   # images 0 and 1 share a caption: each is half of the other's target
+    tgt = torch.eye(6)
+    tgt[:2, :2] = 0.5
+    soft = (-(tgt * logits.log_softmax(-1)).sum(-1).mean() - (tgt * logits.T.log_softmax(-1)).sum(-1).mean()) / 2
+    assert torch.allclose(soft_clip_loss(logits, same), soft)

@@ -150,15 +150,17 @@ def train_decoder(out: Path, steps: int, seed: int = 4, batch: int = 32) -> dict
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """What generated images do to the oracle's input: blur, noise and small colour shifts."""
-    b = x.shape[0]
-    k = torch.tensor([1.0, 2.0, 1.0])
+    """What generated images do to the oracle's input: blur, noise and small colour shifts. The generator is on
+    x's device."""
+    b, dev = x.shape[0], x.device
+    k = torch.tensor([1.0, 2.0, 1.0], device=dev)
     k = (k[:, None] * k[None, :] / 16).expand(3, 1, 3, 3)
     blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3)
-    w = torch.rand(b, 1, 1, 1, generator=g) * 0.8
+    w = torch.rand(b, 1, 1, 1, generator=g, device=dev) * 0.8
     x = (1 - w) * x + w * blurred
-    x = x + torch.randn(x.shape, generator=g) * torch.rand(b, 1, 1, 1, generator=g) * 0.05
-    x = x * (1 + 0.1 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5)) + 0.1 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5)
+    x = x + torch.randn(x.shape, generator=g, device=dev) * torch.rand(b, 1, 1, 1, generator=g, device=dev) * 0.05
+    x = (x * (1 + 0.1 * (torch.rand(b, 3, 1, 1, generator=g, device=dev) - 0.5))
+         + 0.1 * (torch.rand(b, 3, 1, 1, generator=g, device=dev) - 0.5))
     return x.clamp(-1, 1)
 
 
@@ -202,12 +204,19 @@ def clip_config(vocab_size: int, bos: int, eos: int):
         projection_dim=64)
 
 
-def train_clip(out: Path, steps: int, seed: int = 2, batch: int = 256) -> dict:
-    """A tiny CLIP (transformers CLIPModel) trained contrastively on the training set's images and captions.
+def soft_clip_loss(logits_per_image: torch.Tensor, caption_id: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE with soft targets: every pair whose captions are the same text is a positive,
+    spread evenly (captions repeat: "a shape")."""
+    same = (caption_id[:, None] == caption_id[None, :]).float()
+    tgt = same / same.sum(1, keepdim=True)
+    li = -(tgt * logits_per_image.log_softmax(-1)).sum(-1).mean()
+    lt = -(tgt * logits_per_image.T.log_softmax(-1)).sum(-1).mean()
+    return (li + lt) / 2
 
-    Captions repeat ("a shape"), so the InfoNCE targets are soft: every image whose caption is the same text
-    counts as a positive, spread evenly.
-    """
+
+def train_clip(out: Path, steps: int, seed: int = 2, batch: int = 256) -> dict:
+    """A tiny CLIP (transformers CLIPModel) trained contrastively on the training set's images and captions
+    (`soft_clip_loss`: captions repeat, so the InfoNCE targets are soft)."""
     from transformers import CLIPModel
     torch.manual_seed(seed)
     tok = build_tokenizer()
@@ -224,12 +233,7 @@ def train_clip(out: Path, steps: int, seed: int = 2, batch: int = 256) -> dict:
 
     def loss_fn(b):
         x, t, cid = b
-        out_ = model(input_ids=t, pixel_values=x)
-        same = (cid[:, None] == cid[None, :]).float()
-        tgt = same / same.sum(1, keepdim=True)
-        li = -(tgt * out_.logits_per_image.log_softmax(-1)).sum(-1).mean()
-        lt = -(tgt * out_.logits_per_text.log_softmax(-1)).sum(-1).mean()
-        return (li + lt) / 2, {}
+        return soft_clip_loss(model(input_ids=t, pixel_values=x).logits_per_image, cid), {}
 
     cfg = TrainConfig(steps=steps, lr=1e-3, warmup_steps=200, lr_schedule="cosine", checkpoint_every=500,
                       seed=seed, desc="clip", weight_decay=0.05)
