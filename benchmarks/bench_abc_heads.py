@@ -18,7 +18,8 @@ of a feature that reads every factor exactly; --encoder scores another encoder t
 the distractors are cached beside them). --per-kind fits one pair of heads on the object models and one on the
 style models, each scoring its own family's queries (AbC released such object-only and style-only heads as an
 ablation): it says what a weighting that depends on the family buys. --probe says how well each factor can be read
-linearly from the features (probes fitted on 8,000 distractors, scored on the other 2,000). Each header line gives
+linearly from the features (probes fitted on 8,000 distractors, scored on the other 2,000 and on every built
+model's queries, labelled by the oracle's reading: how well the encoder reads generated images). Each header line gives
 the scored models' fidelity (how often their queries show the exemplars' held-out value). Prints markdown tables;
 1 thread reproduces to the digit.
 """
@@ -83,16 +84,28 @@ def evaluate(fit_ids, eval_ids, tcfg, cons, ex, syn, dis, dis_factors, per_kind=
     return res
 
 
-def probe_line(dis: torch.Tensor, dis_factors: list[str], fit: int = 8000, steps: int = 500) -> str:
+def oracle_readings(feats: torch.Tensor) -> list[str]:
+    """The factor values the oracle reads in its features (benchmark.oracle_features: a softmax per factor, in
+    sorted factor order, classes in `values` order), as sorted JSON like the distractors' factors."""
+    from difflab.world.draw import FACTORS, values
+    names = sorted(FACTORS)
+    idx = [b.argmax(1).tolist() for b in feats.split([len(values(f)) for f in names], dim=1)]
+    return [json.dumps({f: values(f)[i[n]] for f, i in zip(names, idx)}, sort_keys=True) for n in range(len(feats))]
+
+
+def probe_line(dis: torch.Tensor, dis_factors: list[str], queries: torch.Tensor, query_factors: list[str],
+               fit: int = 8000, steps: int = 500) -> str:
     """How well each factor can be read linearly from the features: a softmax probe per factor (features
     standardised on the first `fit` distractors, Adam 1e-2, `steps` full-batch steps) trained on the first `fit`
-    distractors and scored on the rest."""
-    facts = [json.loads(f) for f in dis_factors]
-    z = (dis - dis[:fit].mean(0)) / dis[:fit].std(0).clamp_min(1e-8)
-    acc = {}
+    distractors and scored on the rest, and on the queries (generated images) as the oracle reads them."""
+    facts, qfacts = [json.loads(f) for f in dis_factors], [json.loads(f) for f in query_factors]
+    mu, sd = dis[:fit].mean(0), dis[:fit].std(0).clamp_min(1e-8)
+    z, zq = (dis - mu) / sd, (queries - mu) / sd
+    acc, acc_q = {}, {}
     for k in facts[0]:
         vals = sorted({f[k] for f in facts})
         y = torch.tensor([vals.index(f[k]) for f in facts])
+        yq = torch.tensor([vals.index(f[k]) if f[k] in vals else -1 for f in qfacts])
         torch.manual_seed(0)
         probe = torch.nn.Linear(z.shape[1], len(vals))
         opt = torch.optim.Adam(probe.parameters(), 1e-2)
@@ -102,7 +115,9 @@ def probe_line(dis: torch.Tensor, dis_factors: list[str], fit: int = 8000, steps
             opt.step()
         with torch.no_grad():
             acc[k] = (probe(z[fit:]).argmax(1) == y[fit:]).float().mean().item()
-    return ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
+            acc_q[k] = (probe(zq).argmax(1) == yq).float().mean().item()
+    return (", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f"; on the {len(queries)} queries, as the oracle "
+            "reads them: " + ", ".join(f"{k} {v:.3f}" for k, v in acc_q.items()))
 
 
 def fidelity_line(out: Path, ids, cons) -> str:
@@ -160,8 +175,10 @@ def main():
     feature = "oracle" if a.feature == "oracle" else cfg.encoder
     kinds = ", heads per family" if a.per_kind else ""
     if a.probe:
+        queries = torch.cat([syn[j] for j in built])
+        read = oracle_readings(torch.cat([oracle_bank(a.out, built)[1][j] for j in built]))
         print(f"linear probe accuracy per factor ({feature} features of held-out distractors): "
-              f"{probe_line(dis, dis_factors)}\n")
+              f"{probe_line(dis, dis_factors, queries, read)}\n")
     if a.grid:
         fit, val = train_ids[:-a.val], train_ids[-a.val:]
         if a.val_models:
