@@ -48,8 +48,8 @@ def recon_images(x: torch.Tensor, cache: Path) -> torch.Tensor:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("out", type=Path)
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("out", type=Path, help="run folder: OUT/final is the CLIP folder, OUT/checkpoints resume")
     ap.add_argument("--hidden", type=int, default=96, help="width of the image tower (shipped: 96)")
     ap.add_argument("--layers", type=int, default=4, help="transformer layers (shipped: 4)")
     ap.add_argument("--heads", type=int, default=4, help="attention heads (shipped: 4)")
@@ -66,6 +66,7 @@ def main():
         torch.set_num_threads(a.threads)
     from transformers import CLIPConfig, CLIPModel
 
+    from difflab.core.runs import atomic_write_json
     from difflab.core.trainer import TrainConfig, train
     from difflab.models import shapes_dir
     from difflab.world import dataset
@@ -125,8 +126,8 @@ def main():
                                                                          "image_std": [0.5] * 3}))
     loss = hist.get("loss", [float("nan")])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    (a.out / "metrics.json").write_text(json.dumps({**vars(a), "out": str(a.out), "seconds": round(time.time() - t0, 1),
-                                                    "final_loss": loss[-1], "device": device}, indent=1))
+    atomic_write_json(a.out / "metrics.json", {**vars(a), "out": str(a.out), "seconds": round(time.time() - t0, 1),
+                                               "final_loss": loss[-1], "device": device})
     print(f"{a.out / 'final'}: loss {loss[0]:.3f} -> {loss[-1]:.3f} in {time.time() - t0:.0f} s on {device}")
 
 
