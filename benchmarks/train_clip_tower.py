@@ -8,8 +8,8 @@ CLIP score) and only the image side changes. The loss is the shipped CLIP's soft
 augmentation (blur, noise, colour shifts); with --recon a share is replaced by its reconstruction through the
 shipped VAE, which is what every generated image has been through.
 
-    python benchmarks/train_clip_tower.py clip-long --steps 1000 --batch 1024                  # the shipped size
-    python benchmarks/train_clip_tower.py clip-wide --hidden 192 --layers 6 --heads 6 --steps 2700 --batch 1024
+    python benchmarks/train_clip_tower.py clip-long --steps 1000 --batch 1024 --warmup 300     # the shipped size
+    python benchmarks/train_clip_tower.py clip-wide --hidden 192 --layers 6 --heads 6 --steps 2700 --batch 1024 --warmup 300
     python benchmarks/train_clip_tower.py clip-recon --recon 0.5 --steps 1000 --batch 512 --threads 1
     python benchmarks/bench_abc_heads.py abc-xattn --encoder clip-long/final --probe
     python benchmarks/bench_abc_heads.py abc-xattn --encoder clip-long/final --test "head=channel,lr=0.003,whiten=0.1"
@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: a tenth of --steps, at most 300)")
     ap.add_argument("--augment", type=float, default=0.5, help="share of images given the generation augmentation")
     ap.add_argument("--recon", type=float, default=0.0, help="share of images replaced by their VAE reconstruction")
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
@@ -114,7 +115,7 @@ def main():
         logits = model.logit_scale.exp().clamp(max=100) * f @ text_feats.to(f.device)[cid].T
         return soft_clip_loss(logits, cid), {}
 
-    tcfg = TrainConfig(steps=a.steps, lr=a.lr, warmup_steps=min(300, a.steps // 10), lr_schedule="cosine",
+    tcfg = TrainConfig(steps=a.steps, lr=a.lr, warmup_steps=min(300, a.steps // 10) if a.warmup is None else a.warmup, lr_schedule="cosine",
                        weight_decay=0.05, betas=(0.9, 0.98), max_grad_norm=None, mixed_precision=a.mixed_precision,
                        checkpoint_every=500, seed=a.seed, desc="clip tower")
     t0 = time.time()
