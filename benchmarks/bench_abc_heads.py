@@ -84,15 +84,6 @@ def evaluate(fit_ids, eval_ids, tcfg, cons, ex, syn, dis, dis_factors, per_kind=
     return res
 
 
-def oracle_readings(feats: torch.Tensor) -> list[str]:
-    """The factor values the oracle reads in its features (benchmark.oracle_features: a softmax per factor, in
-    sorted factor order, classes in `values` order), as sorted JSON like the distractors' factors."""
-    from difflab.world.draw import FACTORS, values
-    names = sorted(FACTORS)
-    idx = [b.argmax(1).tolist() for b in feats.split([len(values(f)) for f in names], dim=1)]
-    return [json.dumps({f: values(f)[i[n]] for f, i in zip(names, idx)}, sort_keys=True) for n in range(len(feats))]
-
-
 def probe_line(dis: torch.Tensor, dis_factors: list[str], queries: torch.Tensor, query_factors: list[str],
                fit: int = 8000, steps: int = 500) -> str:
     """How well each factor can be read linearly from the features: a softmax probe per factor (features
@@ -148,7 +139,8 @@ def main():
                     help="re-split the built models: the first MODELS/2 and the EXTRA after MODELS train, models "
                          "MODELS/2..MODELS-1 test (model j is the same whatever the split); default: the folder's")
     ap.add_argument("--probe", action="store_true", help="print how well a linear probe reads each factor from the "
-                                                          "features (fit on 8,000 distractors, scored on the rest)")
+                                                          "features (fit on 8,000 distractors, scored on the rest and "
+                                                          "on the queries as the oracle reads them)")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -175,8 +167,12 @@ def main():
     feature = "oracle" if a.feature == "oracle" else cfg.encoder
     kinds = ", heads per family" if a.per_kind else ""
     if a.probe:
+        from difflab.core.data import load_folder_images
+        from difflab.models import load_oracle
+        oracle = load_oracle()
         queries = torch.cat([syn[j] for j in built])
-        read = oracle_readings(torch.cat([oracle_bank(a.out, built)[1][j] for j in built]))
+        read = [json.dumps(p, sort_keys=True) for j in built
+                for p in oracle.predict(load_folder_images(a.out / "models" / f"{j:02d}" / "synth"))]
         print(f"linear probe accuracy per factor ({feature} features of held-out distractors): "
               f"{probe_line(dis, dis_factors, queries, read)}\n")
     if a.grid:

@@ -98,6 +98,8 @@ def main():
     model.text_model.requires_grad_(False)
     model.text_projection.requires_grad_(False)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}   # image tower, projection, scale
+    # a buffer, so that the training loop moves it to the device once with the model (not saved with it)
+    model.register_buffer("caption_features", text_feats, persistent=False)
 
     def batch_fn(i):
         rng = _rng(a.seed, i)
@@ -112,7 +114,7 @@ def main():
     def loss_fn(b):
         x, cid = b
         f = F.normalize(model.visual_projection(model.vision_model(pixel_values=x).pooler_output).float(), dim=-1)
-        logits = model.logit_scale.exp().clamp(max=100) * f @ text_feats.to(f.device)[cid].T
+        logits = model.logit_scale.exp().clamp(max=100) * f @ model.caption_features[cid].T
         return soft_clip_loss(logits, cid), {}
 
     tcfg = TrainConfig(steps=a.steps, lr=a.lr, warmup_steps=min(300, a.steps // 10) if a.warmup is None else a.warmup, lr_schedule="cosine",

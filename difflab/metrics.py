@@ -169,12 +169,8 @@ def load_clip(name_or_path: str = "shapes-clip"):
     from transformers import AutoTokenizer, CLIPModel
 
     from difflab.errors import DifflabError
-    from difflab.similarity import CLIP_MEAN, CLIP_STD
-    if name_or_path == "shapes-clip":
-        from difflab.models import shapes_dir
-        path, mean, std = str(shapes_dir("clip")), (0.5,) * 3, (0.5,) * 3
-    else:
-        path, mean, std = name_or_path, CLIP_MEAN, CLIP_STD
+    from difflab.similarity import clip_source
+    path, mean, std = clip_source(name_or_path)
     try:
         model, tok = CLIPModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     except Exception as e:

@@ -85,14 +85,16 @@ def _load_clip_tower(path: str):
     return ClipVision(m.vision_model, m.visual_projection), m.config.image_size
 
 
-def _normalisation(path, mean, std):
-    """The image_mean / image_std of a local folder's preprocessor_config.json (as transformers' image processors
-    save them), else the given defaults: a CLIP trained on [-1, 1] pixels says 0.5 / 0.5 there."""
-    p = Path(path) / "preprocessor_config.json"
-    if not p.is_file():
-        return mean, std
-    cfg = json.loads(p.read_text())
-    return tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+def clip_source(name_or_path: str) -> tuple[str, tuple, tuple]:
+    """(folder or hub id, image mean, image std) of a CLIP: the shipped shapes CLIP (trained on [-1, 1] pixels:
+    0.5 / 0.5); else a local folder's preprocessor_config.json (as transformers' image processors save it), or
+    OpenAI's statistics. One place for `load_backbone` (features) and `metrics.load_clip` (CLIP score)."""
+    if name_or_path == SHAPES_CLIP:
+        from difflab.models import shapes_dir
+        return str(shapes_dir("clip")), (0.5,) * 3, (0.5,) * 3
+    p = Path(name_or_path) / "preprocessor_config.json"
+    cfg = json.loads(p.read_text()) if p.is_file() else {}
+    return name_or_path, tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD))
 
 
 def load_backbone(name_or_path: str) -> Backbone:
@@ -100,14 +102,14 @@ def load_backbone(name_or_path: str) -> Backbone:
     (ResNet, ConvNeXt: its pooled last stage; for detection)."""
     from transformers import AutoConfig, AutoModel
     if name_or_path == SHAPES_CLIP:
-        from difflab.models import shapes_dir
-        tower, size = _load_clip_tower(str(shapes_dir("clip")))
-        return Backbone(tower, "clip", size, (0.5,) * 3, (0.5,) * 3, SHAPES_CLIP)
+        path, mean, std = clip_source(SHAPES_CLIP)
+        tower, size = _load_clip_tower(path)
+        return Backbone(tower, "clip", size, mean, std, SHAPES_CLIP)
     try:
         cfg = AutoConfig.from_pretrained(name_or_path)
         if cfg.model_type in ("clip", "clip_vision_model"):
-            tower, size = _load_clip_tower(name_or_path)
-            mean, std = _normalisation(name_or_path, CLIP_MEAN, CLIP_STD)
+            path, mean, std = clip_source(name_or_path)
+            tower, size = _load_clip_tower(path)
             return Backbone(tower, "clip", size, mean, std, str(name_or_path))
         m = AutoModel.from_pretrained(name_or_path)
     except Exception as e:
