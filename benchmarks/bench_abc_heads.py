@@ -62,7 +62,7 @@ def evaluate(fit_ids, eval_ids, tcfg, cons, ex, syn, dis, dis_factors, per_kind=
     """Heads fitted on fit_ids; {method: mean metrics}, and by kind, over eval_ids' queries. per_kind: one pair of
     heads per family, fitted on its models only and scoring its queries only (AbC's object-only and style-only
     heads, an ablation of the paper), as if the benchmark case said which family a query comes from."""
-    from difflab.attribute.benchmark import _mean, feature_scorer, score_queries, stack_groups
+    from difflab.attribute.benchmark import _mean, feature_scorer, model_intervals, score_queries, stack_groups
     from difflab.attribute.tuned import train_heads
     per = {}
     for kind in ("object", "style") if per_kind else (None,):
@@ -77,6 +77,7 @@ def evaluate(fit_ids, eval_ids, tcfg, cons, ex, syn, dis, dis_factors, per_kind=
             per.setdefault(m, []).extend(r)
     strip = lambda r: {k: v for k, v in r.items() if k not in ("model", "query")}
     res = {m: _mean([strip(r) for r in rows]) for m, rows in per.items()}
+    res["ci95"] = model_intervals(per)
     for kind in ("object", "style"):
         res[kind] = {m: _mean([strip(r) for r in rows if cons[r["model"]]["kind"] == kind]) if
                      any(cons[j]["kind"] == kind for j in eval_ids) else {"map": float("nan"), "recall@10": float("nan")}
@@ -109,6 +110,11 @@ def probe_line(dis: torch.Tensor, dis_factors: list[str], queries: torch.Tensor,
             acc_q[k] = (probe(zq).argmax(1) == yq).float().mean().item()
     return (", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f"; on the {len(queries)} queries, as the oracle "
             "reads them: " + ", ".join(f"{k} {v:.3f}" for k, v in acc_q.items()))
+
+
+def interval(r, m) -> str:
+    """The 95 % intervals of method m's mAP and Recall@10 over the scored models (benchmark.model_intervals)."""
+    return " / ".join(f"{r['ci95'][m][k][0]:.2f}-{r['ci95'][m][k][1]:.2f}" for k in ("map", "recall@10"))
 
 
 def fidelity_line(out: Path, ids, cons) -> str:
@@ -182,32 +188,39 @@ def main():
             fit = [j for j in train_ids if j not in val]
         print(f"validation: fitted on {len(fit)} training models, scored on models {val} ({feature} features{kinds}; "
               f"fidelity {fidelity_line(a.out, val, cons)})\n")
-        print("| heads | val mAP | R@5 | R@10 | R@100 | object mAP / R@10 | style mAP / R@10 |\n|---|---|---|---|---|---|---|")
+        print("| heads | val mAP | R@5 | R@10 | R@100 | object mAP / R@10 | style mAP / R@10 | 95 % interval (models) |\n"
+              "|---|---|---|---|---|---|---|---|")
         for i, spec in enumerate(a.grid):
             r = evaluate(fit, val, parse(spec, base), cons, ex, syn, dis, dis_factors, a.per_kind)
             if i == 0:
                 f = r["features"]
                 print(f"| untuned | {' | '.join(f'{f[k]:.3f}' for k in keys)} | {r['object']['features']['map']:.3f} / "
                       f"{r['object']['features']['recall@10']:.3f} | {r['style']['features']['map']:.3f} / "
-                      f"{r['style']['features']['recall@10']:.3f} |")
+                      f"{r['style']['features']['recall@10']:.3f} | {interval(r, 'features')} |")
             if parse(spec, base).whiten:
                 w = r["whitened"]
                 print(f"| whitening {parse(spec, base).whiten} only | {' | '.join(f'{w[k]:.3f}' for k in keys)} | "
                       f"{r['object']['whitened']['map']:.3f} / {r['object']['whitened']['recall@10']:.3f} | "
-                      f"{r['style']['whitened']['map']:.3f} / {r['style']['whitened']['recall@10']:.3f} |")
+                      f"{r['style']['whitened']['map']:.3f} / {r['style']['whitened']['recall@10']:.3f} | "
+                      f"{interval(r, 'whitened')} |")
             t = r["tuned"]
             print(f"| {spec or 'folder settings'} | {' | '.join(f'{t[k]:.3f}' for k in keys)} | "
                   f"{r['object']['tuned']['map']:.3f} / {r['object']['tuned']['recall@10']:.3f} | "
-                  f"{r['style']['tuned']['map']:.3f} / {r['style']['tuned']['recall@10']:.3f} |", flush=True)
+                  f"{r['style']['tuned']['map']:.3f} / {r['style']['tuned']['recall@10']:.3f} | {interval(r, 'tuned')} |",
+                  flush=True)
     if a.test is not None:
         r = evaluate(train_ids, test_ids, parse(a.test, base), cons, ex, syn, dis, dis_factors, a.per_kind)
         print(f"\ntest split: models {test_ids}, heads {a.test or 'folder settings'} fitted on {len(train_ids)} "
               f"training models ({feature} features{kinds}; fidelity {fidelity_line(a.out, test_ids, cons)})\n")
-        print("| method | mAP | R@5 | R@10 | R@100 | object mAP / R@10 | style mAP / R@10 |\n|---|---|---|---|---|---|---|")
+        print("| method | mAP | R@5 | R@10 | R@100 | object mAP / R@10 | style mAP / R@10 | 95 % interval (models) |\n"
+              "|---|---|---|---|---|---|---|---|")
         for m in ("features", "whitened", "tuned") if parse(a.test, base).whiten else ("features", "tuned"):
             print(f"| {m} | {' | '.join(f'{r[m][k]:.3f}' for k in keys)} | {r['object'][m]['map']:.3f} / "
-                  f"{r['object'][m]['recall@10']:.3f} | {r['style'][m]['map']:.3f} / {r['style'][m]['recall@10']:.3f} |")
-        print(f"\ntuned - untuned mAP: {r['tuned']['map'] - r['features']['map']:+.3f}")
+                  f"{r['object'][m]['recall@10']:.3f} | {r['style'][m]['map']:.3f} / {r['style'][m]['recall@10']:.3f} | "
+                  f"{interval(r, m)} |")
+        lo, hi = r["ci95"]["tuned - features"]["map"]
+        print(f"\ntuned - untuned mAP: {r['tuned']['map'] - r['features']['map']:+.3f} (95 % interval over the test "
+              f"models {lo:+.3f} to {hi:+.3f})")
 
 
 if __name__ == "__main__":

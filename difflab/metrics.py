@@ -149,6 +149,23 @@ def retrieval_metrics(scores, relevant, ks=(5, 10, 100)) -> dict[str, float]:
     return out
 
 
+def cluster_bootstrap_ci(values, clusters, level: float = 0.95, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` when they come in correlated `clusters` (the queries
+    of one benchmark model, say): whole clusters are drawn with replacement, so the interval reflects how many
+    independent clusters there are, not how many values (Efron & Tibshirani 1993, ch. 13; the cluster bootstrap of
+    Field & Welsh 2007). Each draw's statistic is the plain mean of the values of the drawn clusters. With few
+    clusters the percentile interval runs narrow: a nominal 90 % covered the true mean 85 % of the time with 20
+    clusters (tests/test_metrics.py), so read it as a lower bound on the uncertainty."""
+    v = _np64(values)
+    _, c = np.unique(np.asarray(clusters), return_inverse=True)
+    sums, counts = np.bincount(c, weights=v), np.bincount(c)
+    pick = np.random.default_rng(seed).integers(0, len(sums), (draws, len(sums)))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
 def diversity(feats: torch.Tensor, distance=cosine_distance) -> float:
     """Mean pairwise distance between all distinct pairs of a set (under any row-wise distance)."""
     n = len(feats)

@@ -376,6 +376,10 @@ def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):
     assert set(m["fidelity"]) == {"style"} and m["fidelity"]["style"] in (0.0, 0.5, 1.0)
     assert m["by_kind"]["style"]["features"] == m["features"]
     assert m["models"] == {"train": 2, "test": 1} and m["queries"] == 2   # models 0 and 2 train, 1 tests
+    # intervals over the test models: with one test model, every draw is that model, so each is its mean
+    assert m["ci95"]["tuned"]["recall@10"] == pytest.approx([m["tuned"]["recall@10"]] * 2, abs=1e-4)
+    gain = m["tuned"]["map"] - m["features"]["map"]
+    assert m["ci95"]["tuned - features"]["map"] == pytest.approx([gain] * 2, abs=1e-4)
     assert m["unlearn_subset"]["forgetting"] > 0   # AbU's overall rise of the candidates' losses, saved per query
     # with 40 distractors + 1 exemplar, Recall@100 finds every exemplar
     assert m["features"]["recall@100"] == 1.0

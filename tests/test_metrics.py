@@ -60,3 +60,25 @@ def test_clip_score_and_diversity():
     assert metrics.clip_score(e, e) == pytest.approx(100.0)
     assert metrics.clip_score(e, -e) == 0.0
     assert metrics.diversity(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])) == pytest.approx((1 + 2 + 1) / 3)
+
+
+def test_cluster_bootstrap_interval_widens_with_correlated_clusters_and_covers_the_mean():
+    # 8 models x 16 queries, every query of a model scoring the same (4 models 0, 4 models 1): 8 independent
+    # values, not 128, so the interval must be far wider than the one that treats queries as independent
+    values = np.repeat([0, 1, 0, 1, 1, 0, 0, 1], 16).astype(float)
+    models = np.repeat(np.arange(8), 16)
+    lo, hi = metrics.cluster_bootstrap_ci(values, models)
+    lo_iid, hi_iid = metrics.cluster_bootstrap_ci(values, np.arange(128))
+    assert lo < 0.5 < hi and lo_iid < 0.5 < hi_iid
+    assert hi - lo > 2 * (hi_iid - lo_iid)
+    assert metrics.cluster_bootstrap_ci(np.full(32, 0.7), np.repeat(np.arange(4), 8)) == pytest.approx((0.7, 0.7))
+    # calibration: a 90 % interval covers the true mean of clustered data about 90 % of the time
+    rng = np.random.default_rng(0)
+    covered = []
+    for _ in range(200):
+        effect = rng.normal(0, 1, 20)   # 20 clusters of 10 values, true mean 0
+        x = np.repeat(effect, 10) + rng.normal(0, 0.5, 200)
+        lo, hi = metrics.cluster_bootstrap_ci(x, np.repeat(np.arange(20), 10), level=0.9, draws=1000,
+                                              seed=int(rng.integers(1 << 30)))
+        covered.append(lo <= 0 <= hi)
+    assert 0.8 <= np.mean(covered) <= 0.97

@@ -262,6 +262,18 @@ def _mean(rows: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+def model_intervals(per: dict[str, list[dict]], keys=("map", "recall@10")) -> dict[str, dict[str, list[float]]]:
+    """95 % intervals of each method's mean metrics, by the cluster bootstrap over test models (a model's queries
+    share its exemplars and succeed or fail together, so the models, not the queries, are the independent draws),
+    and of the tuned features' gain over the untuned ones ("tuned - features", paired query by query)."""
+    from difflab.metrics import cluster_bootstrap_ci
+    rows = dict(per)
+    if "tuned" in per and "features" in per:   # score_queries lists every method's queries in the same order
+        rows["tuned - features"] = [{**t, **{k: t[k] - f[k] for k in keys}} for t, f in zip(per["tuned"], per["features"])]
+    return {m: {k: [round(v, 4) for v in cluster_bootstrap_ci([r[k] for r in rs], [r["model"] for r in rs])]
+                for k in keys} for m, rs in rows.items()}
+
+
 def kept_distractors(concept: dict, dis_factors: list[str]) -> torch.Tensor:
     """Indices of the distractors (their factors as sorted JSON) that stay candidates for a model: exact copies of
     its exemplars removed."""
@@ -339,6 +351,7 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     metrics["by_kind"] = {kind: {m: _mean([scores_only(r) for r in rows if cons[r["model"]]["kind"] == kind])
                                  for m, rows in per.items()}
                           for kind in metrics["fidelity"]}
+    metrics["ci95"] = model_intervals(per)
     metrics["models"] = {"train": len(train_ids), "test": len(test_ids)}
     metrics["queries"] = len(per["features"])
     if cfg.unlearn_queries:
