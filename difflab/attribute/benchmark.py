@@ -268,8 +268,10 @@ def model_intervals(per: dict[str, list[dict]], keys=("map", "recall@10")) -> di
     and of the tuned features' gain over the untuned ones ("tuned - features", paired query by query)."""
     from difflab.metrics import cluster_bootstrap_ci
     rows = dict(per)
-    if "tuned" in per and "features" in per:   # score_queries lists every method's queries in the same order
-        rows["tuned - features"] = [{**t, **{k: t[k] - f[k] for k in keys}} for t, f in zip(per["tuned"], per["features"])]
+    if "tuned" in per and "features" in per:
+        untuned = {(r["model"], r["query"]): r for r in per["features"]}
+        rows["tuned - features"] = [{**t, **{k: t[k] - untuned[t["model"], t["query"]][k] for k in keys}}
+                                    for t in per["tuned"]]
     return {m: {k: [round(v, 4) for v in cluster_bootstrap_ci([r[k] for r in rs], [r["model"] for r in rs])]
                 for k in keys} for m, rs in rows.items()}
 
