@@ -112,9 +112,17 @@ def probe_line(dis: torch.Tensor, dis_factors: list[str], queries: torch.Tensor,
             "reads them: " + ", ".join(f"{k} {v:.3f}" for k, v in acc_q.items()))
 
 
-def interval(r, m) -> str:
-    """The 95 % intervals of method m's mAP and Recall@10 over the scored models (benchmark.model_intervals)."""
-    return " / ".join(f"{r['ci95'][m][k][0]:.2f}-{r['ci95'][m][k][1]:.2f}" for k in ("map", "recall@10"))
+HEADER = ("| {} | {} | R@5 | R@10 | R@100 | object mAP / R@10 | style mAP / R@10 | 95 % interval (models) |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def row(label: str, r: dict, m: str) -> str:
+    """One table row: method m's metrics in evaluate's result r, by kind, and the 95 % intervals of its mAP and
+    Recall@10 over the scored models (benchmark.model_intervals)."""
+    ci = " / ".join(f"{r['ci95'][m][k][0]:.2f}-{r['ci95'][m][k][1]:.2f}" for k in ("map", "recall@10"))
+    return (f"| {label} | {' | '.join(f'{r[m][k]:.3f}' for k in ('map', 'recall@5', 'recall@10', 'recall@100'))} | "
+            + " | ".join(f"{r[kind][m]['map']:.3f} / {r[kind][m]['recall@10']:.3f}" for kind in ("object", "style"))
+            + f" | {ci} |")
 
 
 def fidelity_line(out: Path, ids, cons) -> str:
@@ -169,7 +177,6 @@ def main():
         ex, syn, dis = oracle_bank(a.out, built)
     train_ids, test_ids = ([j for j in ids if j in built] for ids in _split(cfg))
 
-    keys = ("map", "recall@5", "recall@10", "recall@100")
     feature = "oracle" if a.feature == "oracle" else cfg.encoder
     kinds = ", heads per family" if a.per_kind else ""
     if a.probe:
@@ -188,36 +195,21 @@ def main():
             fit = [j for j in train_ids if j not in val]
         print(f"validation: fitted on {len(fit)} training models, scored on models {val} ({feature} features{kinds}; "
               f"fidelity {fidelity_line(a.out, val, cons)})\n")
-        print("| heads | val mAP | R@5 | R@10 | R@100 | object mAP / R@10 | style mAP / R@10 | 95 % interval (models) |\n"
-              "|---|---|---|---|---|---|---|---|")
+        print(HEADER.format("heads", "val mAP"))
         for i, spec in enumerate(a.grid):
             r = evaluate(fit, val, parse(spec, base), cons, ex, syn, dis, dis_factors, a.per_kind)
             if i == 0:
-                f = r["features"]
-                print(f"| untuned | {' | '.join(f'{f[k]:.3f}' for k in keys)} | {r['object']['features']['map']:.3f} / "
-                      f"{r['object']['features']['recall@10']:.3f} | {r['style']['features']['map']:.3f} / "
-                      f"{r['style']['features']['recall@10']:.3f} | {interval(r, 'features')} |")
+                print(row("untuned", r, "features"))
             if parse(spec, base).whiten:
-                w = r["whitened"]
-                print(f"| whitening {parse(spec, base).whiten} only | {' | '.join(f'{w[k]:.3f}' for k in keys)} | "
-                      f"{r['object']['whitened']['map']:.3f} / {r['object']['whitened']['recall@10']:.3f} | "
-                      f"{r['style']['whitened']['map']:.3f} / {r['style']['whitened']['recall@10']:.3f} | "
-                      f"{interval(r, 'whitened')} |")
-            t = r["tuned"]
-            print(f"| {spec or 'folder settings'} | {' | '.join(f'{t[k]:.3f}' for k in keys)} | "
-                  f"{r['object']['tuned']['map']:.3f} / {r['object']['tuned']['recall@10']:.3f} | "
-                  f"{r['style']['tuned']['map']:.3f} / {r['style']['tuned']['recall@10']:.3f} | {interval(r, 'tuned')} |",
-                  flush=True)
+                print(row(f"whitening {parse(spec, base).whiten} only", r, "whitened"))
+            print(row(spec or "folder settings", r, "tuned"), flush=True)
     if a.test is not None:
         r = evaluate(train_ids, test_ids, parse(a.test, base), cons, ex, syn, dis, dis_factors, a.per_kind)
         print(f"\ntest split: models {test_ids}, heads {a.test or 'folder settings'} fitted on {len(train_ids)} "
               f"training models ({feature} features{kinds}; fidelity {fidelity_line(a.out, test_ids, cons)})\n")
-        print("| method | mAP | R@5 | R@10 | R@100 | object mAP / R@10 | style mAP / R@10 | 95 % interval (models) |\n"
-              "|---|---|---|---|---|---|---|---|")
+        print(HEADER.format("method", "mAP"))
         for m in ("features", "whitened", "tuned") if parse(a.test, base).whiten else ("features", "tuned"):
-            print(f"| {m} | {' | '.join(f'{r[m][k]:.3f}' for k in keys)} | {r['object'][m]['map']:.3f} / "
-                  f"{r['object'][m]['recall@10']:.3f} | {r['style'][m]['map']:.3f} / {r['style'][m]['recall@10']:.3f} | "
-                  f"{interval(r, m)} |")
+            print(row(m, r, m))
         lo, hi = r["ci95"]["tuned - features"]["map"]
         print(f"\ntuned - untuned mAP: {r['tuned']['map'] - r['features']['map']:+.3f} (95 % interval over the test "
               f"models {lo:+.3f} to {hi:+.3f})")
