@@ -6,6 +6,7 @@
     python benchmarks/bench_abc_heads.py OUT --split 32,24 --test "..."    # the built models split another way
     python benchmarks/bench_abc_heads.py OUT --per-kind --test "..."        # heads per family (AbC's ablation)
     python benchmarks/bench_abc_heads.py OUT --encoder shapes-dreamsim --test "..."   # another encoder
+    python benchmarks/bench_abc_heads.py OUT --curve 10,20,40 --test "..."   # heads fitted on fewer training models
 
 OUT is a folder built by `difflab attribute benchmark`. Each --grid entry is a set of TuneConfig fields
 (comma-separated key=value) on top of the folder's own tune settings (a field the folder does not record takes
@@ -19,13 +20,16 @@ the distractors are cached beside them). --per-kind fits one pair of heads on th
 style models, each scoring its own family's queries (AbC released such object-only and style-only heads as an
 ablation): it says what a weighting that depends on the family buys. --probe says how well each factor can be read
 linearly from the features (probes fitted on 8,000 distractors, scored on the other 2,000 and on every built
-model's queries, labelled by the oracle's reading: how well the encoder reads generated images). Each header line gives
+model's queries, labelled by the oracle's reading: how well the encoder reads generated images). --curve N1,N2,...
+fits the --test heads on N randomly drawn training models (--reps draws each, seeded) and scores the same test
+split: whether more customized models would help the heads. Each header line gives
 the scored models' fidelity (how often their queries show the exemplars' held-out value). Prints markdown tables;
 1 thread reproduces to the digit.
 """
 import argparse
 import dataclasses
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -155,6 +159,9 @@ def main():
     ap.add_argument("--probe", action="store_true", help="print how well a linear probe reads each factor from the "
                                                           "features (fit on 8,000 distractors, scored on the rest and "
                                                           "on the queries as the oracle reads them)")
+    ap.add_argument("--curve", default=None, metavar="N1,N2,...",
+                    help="with --test: also fit the heads on N randomly drawn training models (a learning curve)")
+    ap.add_argument("--reps", type=int, default=3, help="draws of the training models per --curve size")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -213,6 +220,19 @@ def main():
         lo, hi = r["ci95"]["tuned - features"]["map"]
         print(f"\ntuned - untuned mAP: {r['tuned']['map'] - r['features']['map']:+.3f} (95 % interval over the test "
               f"models {lo:+.3f} to {hi:+.3f})")
+        if a.curve:
+            print(f"\nlearning curve: heads {a.test or 'folder settings'} fitted on N of the {len(train_ids)} training "
+                  f"models ({a.reps} seeded draws each), the same test split\n")
+            print("| training models | tuned mAP | tuned R@10 | object R@10 | style R@10 |\n|---|---|---|---|---|")
+            for n in (int(v) for v in a.curve.split(",")):
+                draws = [random.Random(s).sample(train_ids, n) for s in range(a.reps)] if n < len(train_ids) \
+                    else [train_ids]
+                rs = [evaluate(d, test_ids, parse(a.test, base), cons, ex, syn, dis, dis_factors, a.per_kind)
+                      for d in draws]
+                cell = lambda get: " / ".join(f"{get(r):.3f}" for r in rs)
+                print(f"| {n if n < len(train_ids) else f'{n} (all)'} | {cell(lambda r: r['tuned']['map'])} | "
+                      f"{cell(lambda r: r['tuned']['recall@10'])} | {cell(lambda r: r['object']['tuned']['recall@10'])} "
+                      f"| {cell(lambda r: r['style']['tuned']['recall@10'])} |", flush=True)
 
 
 if __name__ == "__main__":
