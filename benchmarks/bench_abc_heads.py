@@ -21,10 +21,10 @@ style models, each scoring its own family's queries (AbC released such object-on
 ablation): it says what a weighting that depends on the family buys. --probe says how well each factor can be read
 linearly from the features (probes fitted on 8,000 distractors, scored on the other 2,000 and on every built
 model's queries, labelled by the oracle's reading: how well the encoder reads generated images). --curve N1,N2,...
-fits the --test heads on N randomly drawn training models (--reps draws each, seeded) and scores the same test
-split: whether more customized models would help the heads. Each header line gives
-the scored models' fidelity (how often their queries show the exemplars' held-out value). Prints markdown tables;
-1 thread reproduces to the digit.
+fits the --test heads on N randomly drawn training models (--reps draws each, seeded; each family in its share)
+and scores the same test split: whether more customized models would help the heads. Each header line gives the
+scored models' fidelity (how often their queries show the exemplars' held-out value). Prints markdown tables; 1
+thread reproduces to the digit.
 """
 import argparse
 import dataclasses
@@ -120,6 +120,16 @@ HEADER = ("| {} | {} | R@5 | R@10 | R@100 | object mAP / R@10 | style mAP / R@10
           "|---|---|---|---|---|---|---|---|")
 
 
+def curve_draw(train_ids, cons, n: int, seed: int) -> list[int]:
+    """n training models drawn at random, each family (object, style) in its share of the training split and at
+    least one of each, so that heads per family (--per-kind) can be fitted on every draw."""
+    rng, out = random.Random(seed), []
+    for kind in ("object", "style"):
+        ids = [j for j in train_ids if cons[j]["kind"] == kind]
+        out += rng.sample(ids, min(len(ids), max(1, round(n * len(ids) / len(train_ids)))))
+    return sorted(out)
+
+
 def row(label: str, r: dict, m: str) -> str:
     """One table row: method m's metrics in evaluate's result r, by kind, and the 95 % intervals of its mAP and
     Recall@10 over the scored models (benchmark.model_intervals)."""
@@ -164,6 +174,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3, help="draws of the training models per --curve size")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
+    if a.curve and a.test is None:
+        ap.error("--curve fits the --test heads on fewer training models: pass --test too")
     torch.set_num_threads(a.threads)
     from difflab.attribute.benchmark import BenchmarkConfig, _split, benchmark_features, concepts
     from difflab.attribute.tuned import TuneConfig
@@ -225,7 +237,7 @@ def main():
                   f"models ({a.reps} seeded draws each), the same test split\n")
             print("| training models | tuned mAP | tuned R@10 | object R@10 | style R@10 |\n|---|---|---|---|---|")
             for n in (int(v) for v in a.curve.split(",")):
-                draws = [random.Random(s).sample(train_ids, n) for s in range(a.reps)] if n < len(train_ids) \
+                draws = [curve_draw(train_ids, cons, n, seed) for seed in range(a.reps)] if n < len(train_ids) \
                     else [train_ids]
                 rs = [evaluate(d, test_ids, parse(a.test, base), cons, ex, syn, dis, dis_factors, a.per_kind)
                       for d in draws]
