@@ -123,11 +123,11 @@ HEADER = ("| {} | {} | R@5 | R@10 | R@100 | object mAP / R@10 | style mAP / R@10
 def curve_draw(train_ids, cons, n: int, seed: int) -> list[int]:
     """n training models drawn at random, each family (object, style) in its share of the training split and at
     least one of each, so that heads per family (--per-kind) can be fitted on every draw."""
-    rng, out = random.Random(seed), []
-    for kind in ("object", "style"):
-        ids = [j for j in train_ids if cons[j]["kind"] == kind]
-        out += rng.sample(ids, min(len(ids), max(1, round(n * len(ids) / len(train_ids)))))
-    return sorted(out)
+    rng = random.Random(seed)
+    obj = [j for j in train_ids if cons[j]["kind"] == "object"]
+    sty = [j for j in train_ids if cons[j]["kind"] == "style"]
+    k = min(len(obj), max(1, round(n * len(obj) / len(train_ids))), n - 1)   # the rest of the n are style models
+    return sorted(rng.sample(obj, k) + rng.sample(sty, n - k))
 
 
 def row(label: str, r: dict, m: str) -> str:
