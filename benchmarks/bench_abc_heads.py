@@ -237,12 +237,12 @@ def main():
                   f"models ({a.reps} seeded draws each), the same test split\n")
             print("| training models | tuned mAP | tuned R@10 | object R@10 | style R@10 |\n|---|---|---|---|---|")
             for n in (int(v) for v in a.curve.split(",")):
-                draws = [curve_draw(train_ids, cons, n, seed) for seed in range(a.reps)] if n < len(train_ids) \
-                    else [train_ids]
-                rs = [evaluate(d, test_ids, parse(a.test, base), cons, ex, syn, dis, dis_factors, a.per_kind)
-                      for d in draws]
+                # all of them: the heads fitted above (the same seeds, so the same heads), not fitted again
+                rs = [evaluate(curve_draw(train_ids, cons, n, seed), test_ids, parse(a.test, base), cons, ex, syn, dis,
+                               dis_factors, a.per_kind) for seed in range(a.reps)] if n < len(train_ids) else [r]
                 cell = lambda get: " / ".join(f"{get(r):.3f}" for r in rs)
-                print(f"| {n if n < len(train_ids) else f'{n} (all)'} | {cell(lambda r: r['tuned']['map'])} | "
+                size = n if n < len(train_ids) else f"{len(train_ids)} (all)"
+                print(f"| {size} | {cell(lambda r: r['tuned']['map'])} | "
                       f"{cell(lambda r: r['tuned']['recall@10'])} | {cell(lambda r: r['object']['tuned']['recall@10'])} "
                       f"| {cell(lambda r: r['style']['tuned']['recall@10'])} |", flush=True)
 
