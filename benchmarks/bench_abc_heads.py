@@ -7,6 +7,7 @@
     python benchmarks/bench_abc_heads.py OUT --per-kind --test "..."        # heads per family (AbC's ablation)
     python benchmarks/bench_abc_heads.py OUT --encoder shapes-dreamsim --test "..."   # another encoder
     python benchmarks/bench_abc_heads.py OUT --curve 10,20,40 --test "..."   # heads fitted on fewer training models
+    python benchmarks/bench_abc_heads.py OUT --by-fidelity --test "..."      # queries that show the concept or not
 
 OUT is a folder built by `difflab attribute benchmark`. Each --grid entry is a set of TuneConfig fields
 (comma-separated key=value) on top of the folder's own tune settings (a field the folder does not record takes
@@ -15,14 +16,16 @@ scores the whitened features before any head is trained. Validation: the heads a
 but the last --val, and scored (as the benchmark scores its test split) on those --val models; the test split is
 not looked at. --test fits on all training models and scores the test split, by kind too. --feature oracle
 replaces the encoder's features by the oracle's factor readings (benchmark.oracle_features): what the heads make
-of a feature that reads every factor exactly; --encoder scores another encoder than the folder's (its features of
+of a feature that reads every factor exactly; --feature oracle-backbone the 256-d features of the oracle's network
+that its factor heads read (an encoder supervised on every factor, as AbC's ImageNet-supervised ViT); --encoder scores another encoder than the folder's (its features of
 the distractors are cached beside them). --per-kind fits one pair of heads on the object models and one on the
 style models, each scoring its own family's queries (AbC released such object-only and style-only heads as an
 ablation): it says what a weighting that depends on the family buys. --probe says how well each factor can be read
 linearly from the features (probes fitted on 8,000 distractors, scored on the other 2,000 and on every built
 model's queries, labelled by the oracle's reading: how well the encoder reads generated images). --curve N1,N2,...
 fits the --test heads on N randomly drawn training models (--reps draws each, seeded; each family in its share)
-and scores the same test split: whether more customized models would help the heads. Each header line gives the
+and scores the same test split: whether more customized models would help the heads. --by-fidelity splits the
+test queries' Recall@10 by whether each shows its exemplars' held-out value (the oracle's reading). Each header line gives the
 scored models' fidelity (how often their queries show the exemplars' held-out value). Prints markdown tables; 1
 thread reproduces to the digit.
 """
@@ -44,20 +47,21 @@ def parse(spec: str, base):
     return dataclasses.replace(base, progress=False, **kw)
 
 
-def oracle_bank(out: Path, ids):
-    """The oracle's features of models `ids`' exemplars and queries and of the distractors, cached in OUT."""
+def oracle_bank(out: Path, ids, readout: bool = True):
+    """The oracle's features (its factor readings, or with readout=False its network's 256-d features) of models
+    `ids`' exemplars and queries and of the distractors, cached in OUT."""
     from safetensors.torch import load_file
 
     from difflab.attribute.benchmark import oracle_features
     from difflab.core.data import load_folder_images, save_tensors
     from difflab.models import load_oracle
-    cache = out / ".difflab-cache" / "oracle.safetensors"
+    cache = out / ".difflab-cache" / ("oracle.safetensors" if readout else "oracle-backbone.safetensors")
     t = load_file(cache) if cache.exists() else {}
     want = {"dis": out / "distractors", **{f"{part}-{j}": out / "models" / f"{j:02d}" / part
                                            for j in ids for part in ("exemplars", "synth")}}
     if set(want) - set(t):
         oracle = load_oracle()
-        t.update({k: oracle_features(load_folder_images(want[k]), oracle) for k in set(want) - set(t)})
+        t.update({k: oracle_features(load_folder_images(want[k]), oracle, readout=readout) for k in set(want) - set(t)})
         save_tensors(cache, t)
     return {j: t[f"exemplars-{j}"] for j in ids}, {j: t[f"synth-{j}"] for j in ids}, t["dis"]
 
@@ -82,6 +86,7 @@ def evaluate(fit_ids, eval_ids, tcfg, cons, ex, syn, dis, dis_factors, per_kind=
     strip = lambda r: {k: v for k, v in r.items() if k not in ("model", "query")}
     res = {m: _mean([strip(r) for r in rows]) for m, rows in per.items()}
     res["ci95"] = model_intervals(per)
+    res["rows"] = per   # per query: {method: [{"model", "query", metric: value}]}
     for kind in ("object", "style"):
         res[kind] = {m: _mean([strip(r) for r in rows if cons[r["model"]]["kind"] == kind]) if
                      any(cons[j]["kind"] == kind for j in eval_ids) else {"map": float("nan"), "recall@10": float("nan")}
@@ -139,6 +144,30 @@ def row(label: str, r: dict, m: str) -> str:
             + f" | {ci} |")
 
 
+def fidelity_table(out: Path, r: dict, cons, methods) -> str:
+    """Recall@10 of the scored queries split by whether each shows its exemplars' held-out value, as the oracle
+    reads it (benchmark.shows_concept): what the feature makes of the queries that carry the concept, and of those
+    in which the customized model did not copy it."""
+    from difflab.attribute.benchmark import shows_concept
+    from difflab.core.data import load_folder_images
+    from difflab.models import load_oracle
+    oracle = load_oracle()
+    ids = sorted({q["model"] for q in r["rows"][methods[0]]})
+    shows = {j: shows_concept(load_folder_images(out / "models" / f"{j:02d}" / "synth"), cons[j], oracle) for j in ids}
+    lines = ["| method | " + " | ".join(f"{kind}, {'shows' if s else 'does not show'} the concept"
+                                        for kind in ("object", "style") for s in (True, False)) + " |",
+             "|---|---|---|---|---|"]
+    for m in methods:
+        cells = []
+        for kind in ("object", "style"):
+            for s in (True, False):
+                v = [q["recall@10"] for q in r["rows"][m] if cons[q["model"]]["kind"] == kind
+                     and shows[q["model"]][q["query"]] == s]
+                cells.append(f"{sum(v) / len(v):.3f} ({len(v)})" if v else "- (0)")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def fidelity_line(out: Path, ids, cons) -> str:
     """How often the models' queries show their exemplars' held-out value (benchmark.fidelity), by kind."""
     from difflab.attribute.benchmark import fidelity
@@ -158,7 +187,10 @@ def main():
     ap.add_argument("--val-models", default=None, help="comma-separated training models to validate on instead")
     ap.add_argument("--grid", nargs="*", default=[], help="TuneConfig settings to compare on validation")
     ap.add_argument("--test", default=None, help="TuneConfig settings to fit on all training models and test")
-    ap.add_argument("--feature", default="encoder", choices=["encoder", "oracle"])
+    ap.add_argument("--feature", default="encoder", choices=["encoder", "oracle", "oracle-backbone"],
+                    help="oracle: its factor readings; oracle-backbone: the 256-d features its factor heads read")
+    ap.add_argument("--by-fidelity", action="store_true", help="with --test, Recall@10 of the queries that show their "
+                    "exemplars' held-out value and of those that do not, by kind")
     ap.add_argument("--encoder", default=None, help="score another encoder's features than the folder's (e.g. "
                                                      "shapes-dreamsim)")
     ap.add_argument("--per-kind", action="store_true", help="one pair of heads per family (AbC's object-only and "
@@ -176,6 +208,8 @@ def main():
     a = ap.parse_args()
     if a.curve and a.test is None:
         ap.error("--curve fits the --test heads on fewer training models: pass --test too")
+    if a.by_fidelity and a.test is None:
+        ap.error("--by-fidelity splits the --test split's queries: pass --test too")
     torch.set_num_threads(a.threads)
     from difflab.attribute.benchmark import BenchmarkConfig, _split, benchmark_features, concepts
     from difflab.attribute.tuned import TuneConfig
@@ -192,11 +226,11 @@ def main():
     # a folder still being built: its built models only
     built = [j for j in range(len(cons)) if (a.out / "models" / f"{j:02d}" / "synth" / "metadata.jsonl").exists()]
     ex, syn, dis, dis_factors = benchmark_features(a.out, cfg, built)
-    if a.feature == "oracle":
-        ex, syn, dis = oracle_bank(a.out, built)
+    if a.feature != "encoder":
+        ex, syn, dis = oracle_bank(a.out, built, readout=a.feature == "oracle")
     train_ids, test_ids = ([j for j in ids if j in built] for ids in _split(cfg))
 
-    feature = "oracle" if a.feature == "oracle" else cfg.encoder
+    feature = cfg.encoder if a.feature == "encoder" else a.feature
     kinds = ", heads per family" if a.per_kind else ""
     if a.probe:
         from difflab.core.data import load_folder_images
@@ -229,6 +263,10 @@ def main():
         print(HEADER.format("method", "mAP"))
         for m in ("features", "whitened", "tuned") if parse(a.test, base).whiten else ("features", "tuned"):
             print(row(m, r, m))
+        if a.by_fidelity:
+            methods = ("features", "whitened", "tuned") if parse(a.test, base).whiten else ("features", "tuned")
+            print(f"\nRecall@10 (queries) by whether the query shows its exemplars' held-out value\n\n"
+                  f"{fidelity_table(a.out, r, cons, methods)}")
         lo, hi = r["ci95"]["tuned - features"]["map"]
         print(f"\ntuned - untuned mAP: {r['tuned']['map'] - r['features']['map']:+.3f} (95 % interval over the test "
               f"models {lo:+.3f} to {hi:+.3f})")

@@ -394,12 +394,14 @@ def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):
 
 
 def test_benchmark_reference_reads_the_ground_truth():
-    from difflab.attribute.benchmark import fidelity, oracle_features
+    from difflab.attribute.benchmark import fidelity, oracle_features, shows_concept
     from difflab.world.draw import render
     heart = {"shape": "heart", "color": "red", "size": "large", "position": "center", "background": "white",
              "texture": "solid"}
     circle, blue = {**heart, "shape": "circle"}, {**heart, "color": "blue"}
     assert fidelity([render(heart), render(circle)], {"kind": "object", "exemplars": [heart]}) == 0.5
+    assert shows_concept([render(circle), render(blue), render(heart)], {"kind": "object", "exemplars": [heart]}) \
+        == [False, True, True]   # per image: an object is its shape, whatever the colour
     dotted = {**heart, "shape": "square", "texture": "dotted"}
     # a style is its texture and colour: another shape keeps it, another colour does not
     style = {"kind": "style", "exemplars": [dotted]}
@@ -407,6 +409,10 @@ def test_benchmark_reference_reads_the_ground_truth():
     f = oracle_features([render(heart), render(heart), render(circle), render(blue)])
     s = f @ f[0]
     assert s[1] > 0.999 and s[2] < 0.95 and s[3] < 0.95
+    # the network under the readings: 256-d, unit length, the same image the same feature
+    b = oracle_features([render(heart), render(heart), render(circle)], readout=False)
+    assert b.shape == (3, 256) and torch.allclose(b.norm(dim=-1), torch.ones(3)) and (b @ b[0])[1] > 0.999
+    assert (b @ b[0])[2] < 0.999
 
 
 def test_benchmark_style_all_but_shape_shares_every_factor_but_the_shape(tmp_path):

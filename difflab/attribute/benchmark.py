@@ -175,26 +175,37 @@ def _features(folder: Path, encoder: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def oracle_features(images, oracle=None, batch_size: int = 500) -> torch.Tensor:
-    """The oracle's per-factor probabilities, concatenated and L2-normalised: the reference feature."""
+@torch.no_grad()
+def oracle_features(images, oracle=None, batch_size: int = 500, readout: bool = True) -> torch.Tensor:
+    """The oracle's per-factor probabilities, concatenated and L2-normalised: the reference feature. With
+    readout=False, the 256-d features its factor heads read (L2-normalised): the oracle's network as an encoder
+    supervised on every factor, as AbC uses an ImageNet-supervised ViT."""
     from difflab.models import load_oracle
     from difflab.world.oracle import to_tensor
     oracle = (oracle or load_oracle()).eval()
     out = []
     for i in range(0, len(images), batch_size):
-        logits = oracle(to_tensor(images[i:i + batch_size]).to(oracle.device))
+        x = to_tensor(images[i:i + batch_size]).to(oracle.device)
+        if not readout:
+            out.append(oracle.features(x).cpu())
+            continue
+        logits = oracle(x)
         out.append(torch.cat([logits[f].softmax(-1) for f in sorted(logits)], 1).cpu())
     return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
 
-def fidelity(synth_images, concept: dict, oracle=None) -> float:
-    """Share of a model's synthesized images that show its exemplars' held-out value, as the oracle reads them:
-    the shape for an object, the texture and colour for a style."""
+def shows_concept(synth_images, concept: dict, oracle=None) -> list[bool]:
+    """Per synthesized image of a model: whether it shows its exemplars' held-out value, as the oracle reads it
+    (the shape for an object, the texture and colour for a style)."""
     from difflab.models import load_oracle
     ex = concept["exemplars"][0]
     keys = ("shape",) if concept["kind"] == "object" else ("texture", "color")
-    pred = (oracle or load_oracle()).predict(synth_images)
-    return float(np.mean([all(p[k] == ex[k] for k in keys) for p in pred]))
+    return [all(p[k] == ex[k] for k in keys) for p in (oracle or load_oracle()).predict(synth_images)]
+
+
+def fidelity(synth_images, concept: dict, oracle=None) -> float:
+    """Share of a model's synthesized images that show its exemplars' held-out value (`shows_concept`)."""
+    return float(np.mean(shows_concept(synth_images, concept, oracle)))
 
 
 def benchmark_features(out: Path, cfg: BenchmarkConfig, ids):
