@@ -16,18 +16,19 @@ scores the whitened features before any head is trained. Validation: the heads a
 but the last --val, and scored (as the benchmark scores its test split) on those --val models; the test split is
 not looked at. --test fits on all training models and scores the test split, by kind too. --feature oracle
 replaces the encoder's features by the oracle's factor readings (benchmark.oracle_features): what the heads make
-of a feature that reads every factor exactly; --feature oracle-backbone the 256-d features of the oracle's network
-that its factor heads read (an encoder supervised on every factor, as AbC's ImageNet-supervised ViT); --encoder scores another encoder than the folder's (its features of
-the distractors are cached beside them). --per-kind fits one pair of heads on the object models and one on the
-style models, each scoring its own family's queries (AbC released such object-only and style-only heads as an
-ablation): it says what a weighting that depends on the family buys. --probe says how well each factor can be read
+of a feature that reads every factor exactly; --feature oracle-backbone by the 256-d features of the oracle's
+network that its factor heads read (an encoder supervised on every factor, as AbC's ImageNet-supervised ViT);
+--encoder scores another encoder than the folder's (its features of the distractors are cached beside them).
+--per-kind fits one pair of heads on the object models and one on the style models, each scoring its own family's
+queries (AbC released such object-only and style-only heads as an ablation): it says what a weighting that
+depends on the family buys. --probe says how well each factor can be read
 linearly from the features (probes fitted on 8,000 distractors, scored on the other 2,000 and on every built
 model's queries, labelled by the oracle's reading: how well the encoder reads generated images). --curve N1,N2,...
 fits the --test heads on N randomly drawn training models (--reps draws each, seeded; each family in its share)
 and scores the same test split: whether more customized models would help the heads. --by-fidelity splits the
-test queries' Recall@10 by whether each shows its exemplars' held-out value (the oracle's reading). Each header line gives the
-scored models' fidelity (how often their queries show the exemplars' held-out value). Prints markdown tables; 1
-thread reproduces to the digit.
+test queries' Recall@10 by whether each shows its exemplars' held-out value (the oracle's reading). Each header
+line gives the scored models' fidelity (how often their queries show the exemplars' held-out value). Prints
+markdown tables; 1 thread reproduces to the digit.
 """
 import argparse
 import dataclasses
@@ -261,10 +262,10 @@ def main():
         print(f"\ntest split: models {test_ids}, heads {a.test or 'folder settings'} fitted on {len(train_ids)} "
               f"training models ({feature} features{kinds}; fidelity {fidelity_line(a.out, test_ids, cons)})\n")
         print(HEADER.format("method", "mAP"))
-        for m in ("features", "whitened", "tuned") if parse(a.test, base).whiten else ("features", "tuned"):
+        methods = ("features", "whitened", "tuned") if parse(a.test, base).whiten else ("features", "tuned")
+        for m in methods:
             print(row(m, r, m))
         if a.by_fidelity:
-            methods = ("features", "whitened", "tuned") if parse(a.test, base).whiten else ("features", "tuned")
             print(f"\nRecall@10 (queries) by whether the query shows its exemplars' held-out value\n\n"
                   f"{fidelity_table(a.out, r, cons, methods)}")
         lo, hi = r["ci95"]["tuned - features"]["map"]

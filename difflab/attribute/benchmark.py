@@ -175,7 +175,6 @@ def _features(folder: Path, encoder: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def oracle_features(images, oracle=None, batch_size: int = 500, readout: bool = True) -> torch.Tensor:
     """The oracle's per-factor probabilities, concatenated and L2-normalised: the reference feature. With
     readout=False, the 256-d features its factor heads read (L2-normalised): the oracle's network as an encoder
@@ -186,11 +185,11 @@ def oracle_features(images, oracle=None, batch_size: int = 500, readout: bool = 
     out = []
     for i in range(0, len(images), batch_size):
         x = to_tensor(images[i:i + batch_size]).to(oracle.device)
-        if not readout:
+        if readout:
+            logits = oracle(x)
+            out.append(torch.cat([logits[f].softmax(-1) for f in sorted(logits)], 1).cpu())
+        else:
             out.append(oracle.features(x).cpu())
-            continue
-        logits = oracle(x)
-        out.append(torch.cat([logits[f].softmax(-1) for f in sorted(logits)], 1).cpu())
     return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
 
