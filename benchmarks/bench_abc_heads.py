@@ -71,19 +71,11 @@ def evaluate(fit_ids, eval_ids, tcfg, cons, ex, syn, dis, dis_factors, per_kind=
     """Heads fitted on fit_ids; {method: mean metrics}, and by kind, over eval_ids' queries. per_kind: one pair of
     heads per family, fitted on its models only and scoring its queries only (AbC's object-only and style-only
     heads, an ablation of the paper), as if the benchmark case said which family a query comes from."""
-    from difflab.attribute.benchmark import _mean, feature_scorer, model_intervals, score_queries, stack_groups
-    from difflab.attribute.tuned import train_heads
-    per = {}
-    for kind in ("object", "style") if per_kind else (None,):
-        fit = [j for j in fit_ids if kind in (None, cons[j]["kind"])]
-        scored = [j for j in eval_ids if kind in (None, cons[j]["kind"])]
-        s, g = stack_groups(fit, syn)
-        e, ge = stack_groups(fit, ex)
-        heads = train_heads(s, g, e, ge, dis, tcfg)
-        rows = score_queries(scored, cons, dis_factors, {j: len(x) for j, x in syn.items()},
-                             {j: len(x) for j, x in ex.items()}, feature_scorer(dis, ex, syn, heads))
-        for m, r in rows.items():
-            per.setdefault(m, []).extend(r)
+    from difflab.attribute.benchmark import _mean, fit_heads, kind_scorer, model_intervals, score_queries
+    heads = fit_heads(fit_ids, cons, ex, syn, dis, tcfg, per_kind)
+    scored = [j for kind in heads for j in eval_ids if kind in (None, cons[j]["kind"])]   # by family, as fitted
+    per = score_queries(scored, cons, dis_factors, {j: len(x) for j, x in syn.items()},
+                        {j: len(x) for j, x in ex.items()}, kind_scorer(heads, cons, dis, ex, syn))
     strip = lambda r: {k: v for k, v in r.items() if k not in ("model", "query")}
     res = {m: _mean([strip(r) for r in rows]) for m, rows in per.items()}
     res["ci95"] = model_intervals(per)

@@ -86,7 +86,7 @@ def world_info():
 
 @world.command("train")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Work folder (checkpoints, logs).")
-@click.option("--stage", "stages", multiple=True, type=click.Choice(["vae", "oracle", "clip", "unet", "decoder"]),
+@click.option("--stage", "stages", multiple=True, type=click.Choice(["vae", "oracle", "clip", "unet", "decoder", "tagger"]),
               help="Run only these stages (default: all, in order). vae||oracle, unet||clip and unet||decoder "
                    "(once the unet stage has cached its latents) can run side by side.")
 @click.option("--steps", multiple=True, metavar="STAGE=N", help="Override a stage's steps, e.g. --steps unet=9000.")

@@ -1,5 +1,6 @@
 """difflab.attribute: feature ranking and its cache, tuned heads, unlearning (AbU), the benchmarks and the CLI."""
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -391,6 +392,20 @@ def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):
     assert r.exit_code == 0, r.output
     top = json.loads((tmp_path / "rank" / "metrics.json").read_text())["top"]
     assert all(0 <= t["probability"] <= 1 for t in top)
+    # heads per family need a training model of each: models 0 and 2 are both objects
+    with pytest.raises(DifflabError, match="none is a style model"):
+        run_benchmark(tmp_path / "abc", replace(cfg, heads_per_kind=True, unlearn_queries=0), progress=False)
+    # one more model (3, a style model: the others are the same models) and the tagger's readings as the encoder
+    m = run_benchmark(tmp_path / "abc", replace(cfg, extra_train_models=2, heads_per_kind=True, encoder="shapes-tagger",
+                                                unlearn_queries=0), progress=False)
+    assert m["models"] == {"train": 3, "test": 1} and 0 < m["tuned"]["map"] <= 1 and "unlearn" not in m
+    assert [json.loads((heads / k / "heads.json").read_text())["train_models"] for k in ("object", "style")] \
+        == [[0, 2], [3]]
+    from difflab.attribute.tuned import load_heads
+    assert load_heads(heads / "style", "shapes-tagger").dim == 30   # 6 + 6 + 3 + 9 + 3 + 3 trained values
+    shutil.copytree(heads / "style", tmp_path / "per-kind" / "style")
+    with pytest.raises(DifflabError, match="one pair of heads per family: pass .*style"):
+        load_heads(tmp_path / "per-kind")
 
 
 def test_benchmark_reference_reads_the_ground_truth():
@@ -454,3 +469,31 @@ def test_benchmark_build_splits_between_shards_into_the_same_models(tmp_path):
                 for f in ("whole", "split"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list((tmp_path / "split").glob(".distractors.*")) and not list((tmp_path / "split" / "class").glob(".*"))
+
+
+def test_tagger_learns_what_the_captions_name_and_embeds_any_image(tmp_path):
+    """train_tagger: supervised by the captions only (held-out values have no class); its readings as features."""
+    from difflab.attribute.features import tagger_features
+    from difflab.world.draw import FACTORS, render
+    from difflab.world.oracle import Oracle
+    from difflab.world.train import train_tagger
+    acc = train_tagger(tmp_path, steps=60, batch=64, n=256)
+    # 60 steps on 256 images: the factors the captions name most plainly are read far above chance (1/9, 1/3)
+    assert acc["tagger_acc_position"] > 0.8 and acc["tagger_acc_background"] > 0.8
+    folder = tmp_path / "tagger" / "final"
+    assert Oracle.from_pretrained(folder).factor_values == {f: list(FACTORS[f][0]) for f in FACTORS}   # no heart, no dotted
+    a = {"shape": "star", "color": "red", "size": "large", "position": "center", "background": "white", "texture": "solid"}
+    b = {**a, "background": "black", "position": "top left"}
+    f = embed_images([render(a), render(a), render(b)], str(folder))
+    assert f.shape == (3, 30) and torch.allclose(f.norm(dim=-1), torch.ones(3)) and (f @ f[0])[1] > 0.999
+    assert (f @ f[0])[2] < (f @ f[0])[1]
+    # the shipped tagger: an image of another size and mode is converted and resized to its 32 x 32 input
+    big = render(a).resize((64, 64)).convert("RGBA")
+    g = tagger_features([render(a), big, render(b)])
+    assert g.shape == (3, 30) and (g @ g[0])[1] > (g @ g[0])[2]
+    assert torch.equal(g, embed_images([render(a), big, render(b)], "shapes-tagger"))
+    # "A+B": the encoders' features side by side, each unit length, then unit length together
+    both = embed_images([render(a), render(b)], "shapes-clip+shapes-tagger")
+    clip = embed_images([render(a), render(b)], "shapes-clip")
+    assert both.shape == (2, clip.shape[1] + 30)
+    assert torch.allclose(both, torch.cat([clip, g[[0, 2]]], -1) / 2 ** 0.5, atol=1e-6)

@@ -66,6 +66,8 @@ class BenchmarkConfig:
     style: str = "texture"           # what a style model's exemplars share: "texture" (+ colour), "all-but-shape"
                                      # (dotted, colour, background, place, large) or "combination" (same, trained texture)
     seed: int = 0
+    heads_per_kind: bool = False     # one pair of heads per family (object, style), each scoring its own queries:
+                                     # AbC's object-only and style-only heads (released as an ablation)
 
 
 def concepts(cfg: BenchmarkConfig) -> list[dict]:
@@ -218,6 +220,27 @@ def benchmark_features(out: Path, cfg: BenchmarkConfig, ids):
     return ex, syn, dis_feats, dis_factors
 
 
+def fit_heads(train_ids, cons, ex, syn, dis: torch.Tensor, tcfg: TuneConfig, per_kind: bool = False) -> dict:
+    """{None: heads fitted on every training model} or, per_kind, {"object": ..., "style": ...}, each pair fitted
+    on its family's models only."""
+    heads = {}
+    for kind in ("object", "style") if per_kind else (None,):
+        fit = [j for j in train_ids if kind in (None, cons[j]["kind"])]
+        if not fit:
+            raise DifflabError(f"heads per family need training models of each family; none is a {kind} model "
+                               "(add --extra-train-models)")
+        s, g = stack_groups(fit, syn)
+        e, ge = stack_groups(fit, ex)
+        heads[kind] = train_heads(s, g, e, ge, dis, tcfg)
+    return heads
+
+
+def kind_scorer(heads: dict, cons, dis: torch.Tensor, ex, syn):
+    """feature_scorer for the heads of `fit_heads`: a query of model j is scored by its family's heads."""
+    scorers = {kind: feature_scorer(dis, ex, syn, h) for kind, h in heads.items()}
+    return lambda j, q, keep: scorers[cons[j]["kind"] if None not in scorers else None](j, q, keep)
+
+
 def feature_scorer(dis: torch.Tensor, ex, syn, heads):
     """score_queries' scores_fn for features: query q of model j against the kept distractors, then its model's
     exemplars, untuned, whitened only (when the heads whiten) and tuned. The distractors are mapped once."""
@@ -336,17 +359,18 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     dis_oracle = oracle_features(load_folder_images(out / "distractors"), oracle)
     fid = {j: fidelity(load_folder_images(out / "models" / f"{j:02d}" / "synth"), cons[j], oracle) for j in test_ids}
 
-    s_tr, g_tr = stack_groups(train_ids, syn)
-    e_tr, ge_tr = stack_groups(train_ids, ex)
     t1 = time.time()
-    heads = train_heads(s_tr, g_tr, e_tr, ge_tr, dis_feats, cfg.tune)
-    save_heads(heads, out / "heads", cfg.encoder, {"benchmark": str(out), "train_models": train_ids})
+    heads = fit_heads(train_ids, cons, ex, syn, dis_feats, cfg.tune, cfg.heads_per_kind)
+    for kind, h in heads.items():   # heads/ (one pair), or heads/object and heads/style
+        save_heads(h, out / "heads" / (kind or ""), cfg.encoder,
+                   {"benchmark": str(out), "train_models": [j for j in train_ids if kind in (None, cons[j]["kind"])],
+                    "family": kind or "all"})
     t_tune = time.time() - t1
 
     def candidates(j: int, n_dis: int | None = None) -> torch.Tensor:
         return kept_distractors(cons[j], dis_factors[:n_dis])
 
-    encoder_scores = feature_scorer(dis_feats, ex, syn, heads)
+    encoder_scores = kind_scorer(heads, cons, dis_feats, ex, syn)
 
     @torch.no_grad()
     def feature_scores(j: int, q: int, keep: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -239,6 +239,10 @@ def load_heads(folder: str | Path, encoder: str | None = None) -> Heads:
     from safetensors.torch import load_file
     folder = Path(folder)
     if not (folder / "heads.safetensors").is_file() or not (folder / "heads.json").is_file():
+        families = [k for k in ("object", "style") if (folder / k / "heads.json").is_file()]
+        if families:   # `difflab attribute benchmark --heads-per-kind`
+            raise DifflabError(f"{folder} holds one pair of heads per family: pass "
+                               + " or ".join(str(folder / k) for k in families))
         raise DifflabError(f"{folder} holds no tuned heads (heads.safetensors + heads.json; "
                            "`difflab attribute benchmark` writes them)")
     meta = json.loads((folder / "heads.json").read_text())

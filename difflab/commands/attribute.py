@@ -30,8 +30,9 @@ def attribute():
 @click.option("--prompt", default=None, help="The query's prompt (unlearn; default: from metadata.jsonl beside it).")
 @click.option("--k", "k", type=click.IntRange(1), default=10, show_default=True, help="Top images in the sheet.")
 @click.option("--encoder", default="shapes-clip", show_default=True,
-              help="features/tuned: shapes-clip, shapes-dreamsim (the shipped DreamSim), a DreamSim folder, or a "
-                   "transformers CLIP/DINO folder or hub id.")
+              help="features/tuned: shapes-clip, shapes-dreamsim (the shipped DreamSim), shapes-tagger (the shipped "
+                   "tagger's factor readings), a DreamSim or tagger folder, a transformers CLIP/DINO folder or hub id, "
+                   "or A+B: two encoders' features side by side.")
 @click.option("--heads", type=click.Path(path_type=Path), default=None, help="tuned: a heads/ folder.")
 @click.option("--fisher", type=click.Path(path_type=Path), default=None,
               help="unlearn: a Fisher file to use (checked against the model) or to write.")
@@ -91,7 +92,12 @@ def _shard(value: str) -> tuple[int, int]:
 @click.option("--unlearn-queries", type=click.IntRange(0), default=2, show_default=True, help="AbU queries per test model (0: skip).")
 @click.option("--unlearn-distractors", type=click.IntRange(1), default=2000, show_default=True)
 @click.option("--encoder", default="shapes-clip", show_default=True,
-              help="shapes-clip, shapes-dreamsim, a DreamSim folder, or a transformers CLIP/DINO folder or hub id.")
+              help="shapes-clip, shapes-dreamsim, shapes-tagger (the tagger's factor readings), a DreamSim or "
+                   "tagger folder, a transformers CLIP/DINO folder or hub id, or A+B: two encoders' features side by "
+                   "side (shapes-clip+shapes-tagger with --heads-per-kind: docs/BENCHMARKS.md, attribution, session 17).")
+@click.option("--heads-per-kind", is_flag=True,
+              help="One pair of heads per family (OUT/heads/object, OUT/heads/style), each scoring its own family's "
+                   "queries: AbC's object-only and style-only heads.")
 @click.option("--style", type=click.Choice(["texture", "all-but-shape", "combination"]), default="texture",
               show_default=True,
               help="What a style model's three exemplars share: the held-out texture and a colour; every factor but "
@@ -101,7 +107,7 @@ def _shard(value: str) -> tuple[int, int]:
                    "build; the last to finish evaluates and writes metrics.json.")
 def attribute_benchmark(out, models, extra_train_models, synth, distractors, customize_steps, recipe, customize_params,
                         tune_steps, tune_negatives, tune_temperature, tune_head, tune_lr, tune_whiten,
-                        tune_hard_negatives, unlearn_queries, unlearn_distractors, encoder, style, shard):
+                        tune_hard_negatives, unlearn_queries, unlearn_distractors, encoder, heads_per_kind, style, shard):
     """The AbC-style benchmark on the shapes world: exemplars -> Custom Diffusion models -> synthesized queries;
     tunes the heads (OUT/heads) and writes metrics.json: {"features": {"map", "recall@5", "recall@10",
     "recall@100"}, "tuned": {...}, "unlearn": {...}}, with "ci95": 95 % intervals of mAP and Recall@10 (and of the
@@ -119,7 +125,7 @@ def attribute_benchmark(out, models, extra_train_models, synth, distractors, cus
                           customize=ccfg, tune=TuneConfig(steps=tune_steps, negatives=tune_negatives,
                                                           temperature=tune_temperature, head=tune_head, lr=tune_lr,
                                                           whiten=tune_whiten, hard_negatives=tune_hard_negatives), unlearn_queries=unlearn_queries,
-                          unlearn_distractors=unlearn_distractors, style=style)
+                          unlearn_distractors=unlearn_distractors, style=style, heads_per_kind=heads_per_kind)
     click.echo(json.dumps(run_benchmark(out, cfg, shard=_shard(shard)), indent=2))
 
 

@@ -49,15 +49,15 @@ def install_and_card(work: Path, command: str, n: int = 8, dest: Path = WEIGHTS)
     mins = {s: r["seconds"] / 60 for s, r in report.items()}
     total = sum(mins.values())
     critical = max(mins.get("vae", 0), mins.get("oracle", 0) + mins.get("clip", 0)) + mins.get("unet", 0)
-    oracle_acc = ", ".join(f"{k.removeprefix('oracle_acc_')} {v:.4f}" for k, v in report.get("oracle", {}).items()
-                           if k.startswith("oracle_acc_"))
+    oracle_acc, tagger_acc = (", ".join(f"{k.removeprefix(p)} {v:.4f}" for k, v in report.get(s, {}).items()
+                                        if k.startswith(p)) for s, p in (("oracle", "oracle_acc_"), ("tagger", "tagger_acc_")))
     card = f"""# The shapes world models
 
 Trained from scratch by difflab's own code on the shapes world's fixed training set
 (`difflab.world.training_set()`: 60,000 images, seed 0). Everything here is reproducible from the command.
 
 - **Command:** `{command}`
-- **Seeds:** training set 0, VAE 0, oracle 1, CLIP 2, UNet 3, decoder 4 (`difflab/world/train.py`)
+- **Seeds:** training set 0, VAE 0, oracle 1, CLIP 2, UNet 3, decoder 4, tagger 5 (`difflab/world/train.py`)
 - **Hardware:** {_hardware()}
 - **Written:** {time.strftime('%Y-%m-%d')}; {scores['size_mb']} MB in all
 
@@ -79,6 +79,9 @@ clip, then unet beside the decoder fine-tune, need max(vae, oracle + clip) + une
 - `oracle/`: a CNN reading all six factors. Accuracy on 5,000 fresh procedural images: {oracle_acc}.
 - `clip/`: a tiny `transformers.CLIPModel` (ViT 4x4 patches, 4 layers; text 3 layers) trained contrastively on
   the training set, the offline feature extractor of later methods.
+- `tagger/`: the oracle's network trained on the training set's captions only (a factor counts where the caption
+  names it; held-out values have no class): an attribution encoder ("shapes-tagger"). Accuracy on the trained
+  values of 5,000 fresh images: {tagger_acc}.
 
 ## Oracle-judged quality ({scores['evaluated_with']})
 

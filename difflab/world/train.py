@@ -22,7 +22,7 @@ from difflab.world import dataset
 from difflab.world.draw import FACTORS, RESOLUTION, values
 from difflab.world.tokenizer import build_tokenizer
 
-STAGES = ("vae", "oracle", "clip", "unet", "decoder")
+STAGES = ("vae", "oracle", "clip", "unet", "decoder", "tagger")
 
 # --- component configurations ------------------------------------------------------------------------------
 VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
@@ -39,7 +39,7 @@ TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, n
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 
-DEFAULT_STEPS = {"vae": 2400, "oracle": 3000, "clip": 1500, "unet": 11500, "decoder": 3000}
+DEFAULT_STEPS = {"vae": 2400, "oracle": 3000, "clip": 1500, "unet": 11500, "decoder": 3000, "tagger": 3000}
 
 
 def _images_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -195,6 +195,45 @@ def train_oracle(out: Path, steps: int, seed: int = 1, batch: int = 128, n: int 
     return {f"oracle_acc_{f}": a for f, a in res["accuracy"].items()}
 
 
+def train_tagger(out: Path, steps: int, seed: int = 5, batch: int = 128, n: int = dataset.TRAIN_SIZE) -> dict:
+    """The tagger: the oracle's network trained on the base training set and its captions only. A factor's
+    cross-entropy counts where the caption names it, so the held-out values (never named) have no class, and
+    nothing but what the generator's own captions say supervises it; the oracle's generation augmentation on
+    every image. An attribution encoder (`difflab.attribute.features`, "shapes-tagger"): where the CLIP image
+    tower mixes the factors, its readings keep them apart for the heads to weigh."""
+    from difflab.world.oracle import Oracle, judge
+    torch.manual_seed(seed)
+    trained = {f: list(FACTORS[f][0]) for f in FACTORS}
+    tagger = Oracle(factors=trained, width=16)
+    items = dataset.training_set(n)   # the first n images of the training set (all of it by default)
+    x_all = _images_tensor(training_images(out / "cache", n))
+    # -100 (cross_entropy's ignore_index) where the caption does not name the factor
+    y_all = {f: torch.tensor([trained[f].index(it.named[f]) if f in it.named else -100 for it in items])
+             for f in FACTORS}
+
+    def batch_fn(i):
+        idx = torch.from_numpy(_rng(seed, i).integers(0, len(items), batch))
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        return _augment(x_all[idx], g), {f: y[idx] for f, y in y_all.items()}
+
+    def loss_fn(b):
+        x, y = b
+        logits = tagger(x)
+        return sum(F.cross_entropy(logits[f], y[f], ignore_index=-100) for f in FACTORS), {}
+
+    cfg = TrainConfig(steps=steps, lr=2e-3, warmup_steps=100, lr_schedule="cosine", checkpoint_every=500,
+                      seed=seed, desc="tagger", weight_decay=1e-4)
+    d = out / "tagger"
+    d.mkdir(parents=True, exist_ok=True)
+    train(dict(tagger.named_parameters()), loss_fn, batch_fn, cfg, out=d, modules=[tagger],
+          on_log=_log_to(d / "log.jsonl"))
+    # how well it reads fresh images' trained values (a held-out value has no class: those images are left out)
+    test = [it for it in dataset.sample(5000, seed=777) if all(it.factors[f] in trained[f] for f in FACTORS)]
+    res = judge(tagger.predict(dataset.render_array(test)), [it.factors for it in test])
+    tagger.save_pretrained(d / "final")
+    return {f"tagger_acc_{f}": a for f, a in res["accuracy"].items()}
+
+
 def clip_config(vocab_size: int, bos: int, eos: int):
     from transformers import CLIPConfig
     return CLIPConfig(
@@ -334,7 +373,7 @@ def assemble(out: Path, dest: Path) -> None:
         image_encoder=None, requires_safety_checker=False)
     dest.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(dest / "pipeline")
-    for part in ("oracle", "clip"):
+    for part in ("oracle", "clip", "tagger"):
         if (dest / part).exists():
             shutil.rmtree(dest / part)
         shutil.copytree(out / part / "final", dest / part)
@@ -343,7 +382,7 @@ def assemble(out: Path, dest: Path) -> None:
 def run(out: Path, stages=STAGES, steps: dict | None = None) -> dict:
     steps = {**DEFAULT_STEPS, **(steps or {})}
     fns = {"vae": train_vae, "oracle": train_oracle, "clip": train_clip, "unet": train_unet,
-           "decoder": train_decoder}
+           "decoder": train_decoder, "tagger": train_tagger}
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "train_report.json"
     for s in stages:
