@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,8 +130,6 @@ def build(out: Path, cfg: BenchmarkConfig, progress: bool = True,
     `out`) split them; what the models share (the distractors, the class images, made with model 0's settings) is
     deterministic, made by whichever process comes first and renamed into place whole. Model j is the same however
     the work is split. Returns the concepts and the models not built yet (by other shards)."""
-    import shutil
-
     from tqdm.auto import tqdm
 
     from difflab.customize import Concept, class_latents, regularisation_prompts, save_weights, train_concepts
@@ -361,6 +360,7 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
 
     t1 = time.time()
     heads = fit_heads(train_ids, cons, ex, syn, dis_feats, cfg.tune, cfg.heads_per_kind)
+    shutil.rmtree(out / "heads", ignore_errors=True)   # an earlier run's heads (one pair or per family) go
     for kind, h in heads.items():   # heads/ (one pair), or heads/object and heads/style
         save_heads(h, out / "heads" / (kind or ""), cfg.encoder,
                    {"benchmark": str(out), "train_models": [j for j in train_ids if kind in (None, cons[j]["kind"])],
