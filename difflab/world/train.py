@@ -164,6 +164,28 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
+def _train_reader(out: Path, name: str, net, x_all: torch.Tensor, y_all: dict[str, torch.Tensor], steps: int,
+                  seed: int, batch: int) -> Path:
+    """The oracle's and the tagger's training: a cross-entropy per factor on augmented images (a label of -100,
+    cross_entropy's ignore_index, counts nothing: the tagger's unnamed factors). Returns out/name."""
+    def batch_fn(i):
+        idx = torch.from_numpy(_rng(seed, i).integers(0, len(x_all), batch))
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        return _augment(x_all[idx], g), {f: y[idx] for f, y in y_all.items()}
+
+    def loss_fn(b):
+        x, y = b
+        logits = net(x)
+        return sum(F.cross_entropy(logits[f], y[f]) for f in FACTORS), {}
+
+    cfg = TrainConfig(steps=steps, lr=2e-3, warmup_steps=100, lr_schedule="cosine", checkpoint_every=500,
+                      seed=seed, desc=name, weight_decay=1e-4)
+    d = out / name
+    d.mkdir(parents=True, exist_ok=True)
+    train(dict(net.named_parameters()), loss_fn, batch_fn, cfg, out=d, modules=[net], on_log=_log_to(d / "log.jsonl"))
+    return d
+
+
 def train_oracle(out: Path, steps: int, seed: int = 1, batch: int = 128, n: int = 60_000) -> dict:
     """The oracle on fresh procedural images with every value (held-out included) drawn and known."""
     from difflab.world.oracle import Oracle, judge
@@ -172,23 +194,7 @@ def train_oracle(out: Path, steps: int, seed: int = 1, batch: int = 128, n: int 
     items = dataset.sample(n, seed=seed, include_heldout=True)
     x_all = _images_tensor(dataset.render_array(items))
     y_all = {f: torch.tensor([values(f).index(it.factors[f]) for it in items]) for f in FACTORS}
-
-    def batch_fn(i):
-        idx = torch.from_numpy(_rng(seed, i).integers(0, n, batch))
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        return _augment(x_all[idx], g), {f: y[idx] for f, y in y_all.items()}
-
-    def loss_fn(b):
-        x, y = b
-        logits = oracle(x)
-        return sum(F.cross_entropy(logits[f], y[f]) for f in FACTORS), {}
-
-    cfg = TrainConfig(steps=steps, lr=2e-3, warmup_steps=100, lr_schedule="cosine", checkpoint_every=500,
-                      seed=seed, desc="oracle", weight_decay=1e-4)
-    d = out / "oracle"
-    d.mkdir(parents=True, exist_ok=True)
-    train(dict(oracle.named_parameters()), loss_fn, batch_fn, cfg, out=d, modules=[oracle],
-          on_log=_log_to(d / "log.jsonl"))
+    d = _train_reader(out, "oracle", oracle, x_all, y_all, steps, seed, batch)
     test = dataset.sample(5000, seed=777, include_heldout=True)
     res = judge(oracle.predict(dataset.render_array(test)), [it.factors for it in test])
     oracle.save_pretrained(d / "final")
@@ -210,23 +216,7 @@ def train_tagger(out: Path, steps: int, seed: int = 5, batch: int = 128, n: int 
     # -100 (cross_entropy's ignore_index) where the caption does not name the factor
     y_all = {f: torch.tensor([trained[f].index(it.named[f]) if f in it.named else -100 for it in items])
              for f in FACTORS}
-
-    def batch_fn(i):
-        idx = torch.from_numpy(_rng(seed, i).integers(0, len(items), batch))
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        return _augment(x_all[idx], g), {f: y[idx] for f, y in y_all.items()}
-
-    def loss_fn(b):
-        x, y = b
-        logits = tagger(x)
-        return sum(F.cross_entropy(logits[f], y[f], ignore_index=-100) for f in FACTORS), {}
-
-    cfg = TrainConfig(steps=steps, lr=2e-3, warmup_steps=100, lr_schedule="cosine", checkpoint_every=500,
-                      seed=seed, desc="tagger", weight_decay=1e-4)
-    d = out / "tagger"
-    d.mkdir(parents=True, exist_ok=True)
-    train(dict(tagger.named_parameters()), loss_fn, batch_fn, cfg, out=d, modules=[tagger],
-          on_log=_log_to(d / "log.jsonl"))
+    d = _train_reader(out, "tagger", tagger, x_all, y_all, steps, seed, batch)
     # how well it reads fresh images' trained values (a held-out value has no class: those images are left out)
     test = [it for it in dataset.sample(5000, seed=777) if all(it.factors[f] in trained[f] for f in FACTORS)]
     res = judge(tagger.predict(dataset.render_array(test)), [it.factors for it in test])
