@@ -1,4 +1,5 @@
-"""Training the shipped shapes models from scratch: VAE, oracle, CLIP, and the UNet with its text encoder.
+"""Training the shipped shapes models from scratch: VAE, oracle, CLIP, the UNet with its text encoder, and the
+tagger (an attribution encoder).
 
 `difflab world train --out DIR` runs every stage in order; `--stage NAME` runs one (two stages can run side by
 side on two cores: vae || oracle, then unet || clip). Each stage writes `DIR/<stage>/` with diffusers'
