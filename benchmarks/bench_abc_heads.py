@@ -21,9 +21,9 @@ network that its factor heads read (an encoder supervised on every factor, as Ab
 --encoder scores another encoder than the folder's (its features of the distractors are cached beside them).
 --per-kind fits one pair of heads on the object models and one on the style models, each scoring its own family's
 queries (AbC released such object-only and style-only heads as an ablation): it says what a weighting that
-depends on the family buys. --probe says how well each factor can be read
-linearly from the features (probes fitted on 8,000 distractors, scored on the other 2,000 and on every built
-model's queries, labelled by the oracle's reading: how well the encoder reads generated images). --curve N1,N2,...
+depends on the family buys. --probe says how well each factor can be read linearly from the features (probes
+fitted on 8,000 distractors, scored on the other 2,000 and on every built model's queries, labelled by the
+oracle's reading: how well the encoder reads generated images). --curve N1,N2,...
 fits the --test heads on N randomly drawn training models (--reps draws each, seeded; each family in its share)
 and scores the same test split: whether more customized models would help the heads. --by-fidelity splits the
 test queries' Recall@10 by whether each shows its exemplars' held-out value (the oracle's reading). Each header
@@ -137,16 +137,19 @@ def row(label: str, r: dict, m: str) -> str:
             + f" | {ci} |")
 
 
-def fidelity_table(out: Path, r: dict, cons, methods) -> str:
-    """Recall@10 of the scored queries split by whether each shows its exemplars' held-out value, as the oracle
-    reads it (benchmark.shows_concept): what the feature makes of the queries that carry the concept, and of those
-    in which the customized model did not copy it."""
+def shows_by_model(out: Path, ids, cons) -> dict[int, list[bool]]:
+    """Per model j, whether each of its queries shows its exemplars' held-out value (benchmark.shows_concept)."""
     from difflab.attribute.benchmark import shows_concept
     from difflab.core.data import load_folder_images
     from difflab.models import load_oracle
     oracle = load_oracle()
-    ids = sorted({q["model"] for q in r["rows"][methods[0]]})
-    shows = {j: shows_concept(load_folder_images(out / "models" / f"{j:02d}" / "synth"), cons[j], oracle) for j in ids}
+    return {j: shows_concept(load_folder_images(out / "models" / f"{j:02d}" / "synth"), cons[j], oracle) for j in ids}
+
+
+def fidelity_table(shows: dict[int, list[bool]], r: dict, cons, methods) -> str:
+    """Recall@10 of the scored queries split by whether each shows its exemplars' held-out value (`shows`, from
+    shows_by_model): what the feature makes of the queries that carry the concept, and of those in which the
+    customized model did not copy it."""
     lines = ["| method | " + " | ".join(f"{kind}, {'shows' if s else 'does not show'} the concept"
                                         for kind in ("object", "style") for s in (True, False)) + " |",
              "|---|---|---|---|---|"]
@@ -161,15 +164,12 @@ def fidelity_table(out: Path, r: dict, cons, methods) -> str:
     return "\n".join(lines)
 
 
-def fidelity_line(out: Path, ids, cons) -> str:
-    """How often the models' queries show their exemplars' held-out value (benchmark.fidelity), by kind."""
-    from difflab.attribute.benchmark import fidelity
-    from difflab.core.data import load_folder_images
-    from difflab.models import load_oracle
-    oracle, by = load_oracle(), {}
-    for j in ids:
-        by.setdefault(cons[j]["kind"], []).append(fidelity(load_folder_images(out / "models" / f"{j:02d}" / "synth"),
-                                                           cons[j], oracle))
+def fidelity_line(shows: dict[int, list[bool]], cons) -> str:
+    """How often the models' queries show their exemplars' held-out value (benchmark.fidelity), by kind: the mean
+    over the models of each one's share."""
+    by = {}
+    for j, s in shows.items():
+        by.setdefault(cons[j]["kind"], []).append(sum(s) / len(s))
     return ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(by.items()))
 
 
@@ -240,7 +240,7 @@ def main():
             val = [int(v) for v in a.val_models.split(",")]
             fit = [j for j in train_ids if j not in val]
         print(f"validation: fitted on {len(fit)} training models, scored on models {val} ({feature} features{kinds}; "
-              f"fidelity {fidelity_line(a.out, val, cons)})\n")
+              f"fidelity {fidelity_line(shows_by_model(a.out, val, cons), cons)})\n")
         print(HEADER.format("heads", "val mAP"))
         for i, spec in enumerate(a.grid):
             r = evaluate(fit, val, parse(spec, base), cons, ex, syn, dis, dis_factors, a.per_kind)
@@ -251,15 +251,16 @@ def main():
             print(row(spec or "folder settings", r, "tuned"), flush=True)
     if a.test is not None:
         r = evaluate(train_ids, test_ids, parse(a.test, base), cons, ex, syn, dis, dis_factors, a.per_kind)
+        shows = shows_by_model(a.out, test_ids, cons)
         print(f"\ntest split: models {test_ids}, heads {a.test or 'folder settings'} fitted on {len(train_ids)} "
-              f"training models ({feature} features{kinds}; fidelity {fidelity_line(a.out, test_ids, cons)})\n")
+              f"training models ({feature} features{kinds}; fidelity {fidelity_line(shows, cons)})\n")
         print(HEADER.format("method", "mAP"))
         methods = ("features", "whitened", "tuned") if parse(a.test, base).whiten else ("features", "tuned")
         for m in methods:
             print(row(m, r, m))
         if a.by_fidelity:
             print(f"\nRecall@10 (queries) by whether the query shows its exemplars' held-out value\n\n"
-                  f"{fidelity_table(a.out, r, cons, methods)}")
+                  f"{fidelity_table(shows, r, cons, methods)}")
         lo, hi = r["ci95"]["tuned - features"]["map"]
         print(f"\ntuned - untuned mAP: {r['tuned']['map'] - r['features']['map']:+.3f} (95 % interval over the test "
               f"models {lo:+.3f} to {hi:+.3f})")

@@ -186,11 +186,7 @@ def oracle_features(images, oracle=None, batch_size: int = 500, readout: bool = 
     out = []
     for i in range(0, len(images), batch_size):
         x = to_tensor(images[i:i + batch_size]).to(oracle.device)
-        if readout:
-            logits = oracle(x)
-            out.append(torch.cat([logits[f].softmax(-1) for f in sorted(logits)], 1).cpu())
-        else:
-            out.append(oracle.features(x).cpu())
+        out.append((oracle.readings(x) if readout else oracle.features(x)).cpu())
     return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
 

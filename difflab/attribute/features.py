@@ -48,8 +48,7 @@ def tagger_features(images, encoder: str = TAGGER, power: float = TAGGER_POWER, 
               for im in images]
     out = []
     for i in range(0, len(images), batch_size):
-        logits = model(to_tensor(images[i:i + batch_size]))
-        out.append(torch.cat([logits[f].softmax(-1) for f in sorted(logits)], 1).pow(power))
+        out.append(model.readings(to_tensor(images[i:i + batch_size])).pow(power))
     return F.normalize(torch.cat(out), dim=-1)
 
 

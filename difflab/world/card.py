@@ -49,8 +49,11 @@ def install_and_card(work: Path, command: str, n: int = 8, dest: Path = WEIGHTS)
     mins = {s: r["seconds"] / 60 for s, r in report.items()}
     total = sum(mins.values())
     critical = max(mins.get("vae", 0), mins.get("oracle", 0) + mins.get("clip", 0)) + mins.get("unet", 0)
-    oracle_acc, tagger_acc = (", ".join(f"{k.removeprefix(p)} {v:.4f}" for k, v in report.get(s, {}).items()
-                                        if k.startswith(p)) for s, p in (("oracle", "oracle_acc_"), ("tagger", "tagger_acc_")))
+    def accuracies(stage: str) -> str:   # "shape 1.0000, color ..." from the stage's <stage>_acc_<factor> entries
+        prefix = f"{stage}_acc_"
+        return ", ".join(f"{k.removeprefix(prefix)} {v:.4f}" for k, v in report.get(stage, {}).items()
+                         if k.startswith(prefix))
+    oracle_acc, tagger_acc = accuracies("oracle"), accuracies("tagger")
     card = f"""# The shapes world models
 
 Trained from scratch by difflab's own code on the shapes world's fixed training set

@@ -39,6 +39,11 @@ class Oracle(ModelMixin, ConfigMixin):
         h = self.features(x)
         return {f: head(h) for f, head in self.heads.items()}
 
+    def readings(self, x: torch.Tensor) -> torch.Tensor:
+        """Per factor the softmax over its values, concatenated in sorted factor order: (B, sum of value counts)."""
+        logits = self(x)
+        return torch.cat([logits[f].softmax(-1) for f in sorted(logits)], 1)
+
     @torch.no_grad()
     def predict(self, images, batch_size: int = 500) -> list[dict[str, str]]:
         """Factor values of each image (PIL images, a uint8 array (N, H, W, 3), or a [-1, 1] tensor)."""
