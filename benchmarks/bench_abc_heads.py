@@ -8,6 +8,7 @@
     python benchmarks/bench_abc_heads.py OUT --encoder shapes-dreamsim --test "..."   # another encoder
     python benchmarks/bench_abc_heads.py OUT --curve 10,20,40 --test "..."   # heads fitted on fewer training models
     python benchmarks/bench_abc_heads.py OUT --by-fidelity --test "..."      # queries that show the concept or not
+    python benchmarks/bench_abc_heads.py OUT --cv 6 --grid "..." "..."       # choose by cross-validation instead
 
 OUT is a folder built by `difflab attribute benchmark`. Each --grid entry is a set of TuneConfig fields
 (comma-separated key=value) on top of the folder's own tune settings (a field the folder does not record takes
@@ -26,7 +27,7 @@ fitted on 8,000 distractors, scored on the other 2,000 and on every built model'
 oracle's reading: how well the encoder reads generated images). --curve N1,N2,...
 fits the --test heads on N randomly drawn training models (--reps draws each, seeded; each family in its share)
 and scores the same test split: whether more customized models would help the heads. --by-fidelity splits the
-test queries' Recall@10 by whether each shows its exemplars' held-out value (the oracle's reading). Each header
+test queries' (or --cv's) Recall@10 by whether each shows its exemplars' held-out value (the oracle's reading). Each header
 line gives the scored models' fidelity (how often their queries show the exemplars' held-out value). Prints
 markdown tables; 1 thread reproduces to the digit.
 """
@@ -67,24 +68,20 @@ def oracle_bank(out: Path, ids, readout: bool = True):
     return {j: t[f"exemplars-{j}"] for j in ids}, {j: t[f"synth-{j}"] for j in ids}, t["dis"]
 
 
-def evaluate(fit_ids, eval_ids, tcfg, cons, ex, syn, dis, dis_factors, per_kind=False):
-    """Heads fitted on fit_ids; {method: mean metrics}, and by kind, over eval_ids' queries. per_kind: one pair of
-    heads per family, fitted on its models only and scoring its queries only (AbC's object-only and style-only
-    heads, an ablation of the paper), as if the benchmark case said which family a query comes from."""
-    from difflab.attribute.benchmark import _mean, fit_heads, kind_scorer, model_intervals, score_queries
-    heads = fit_heads(fit_ids, cons, ex, syn, dis, tcfg, per_kind)
-    scored = [j for kind in heads for j in eval_ids if kind in (None, cons[j]["kind"])]   # by family, as fitted
-    per = score_queries(scored, cons, dis_factors, {j: len(x) for j, x in syn.items()},
-                        {j: len(x) for j, x in ex.items()}, kind_scorer(heads, cons, dis, ex, syn))
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("model", "query")}
-    res = {m: _mean([strip(r) for r in rows]) for m, rows in per.items()}
-    res["ci95"] = model_intervals(per)
-    res["rows"] = per   # per query: {method: [{"model", "query", metric: value}]}
-    for kind in ("object", "style"):
-        res[kind] = {m: _mean([strip(r) for r in rows if cons[r["model"]]["kind"] == kind]) if
-                     any(cons[j]["kind"] == kind for j in eval_ids) else {"map": float("nan"), "recall@10": float("nan")}
-                     for m, rows in per.items()}
-    return res
+def evaluate(fit_ids, eval_ids, tcfg, cons, ex, syn, dis, dis_factors, per_kind=False, cv=0):
+    """Heads fitted on fit_ids; benchmark.summarize's metrics over eval_ids' queries, and the rows ("rows"). per_kind:
+    one pair of heads per family, fitted on its models only and scoring its queries only (AbC's object-only and
+    style-only heads, an ablation of the paper), as if the benchmark case said which family a query comes from.
+    cv=K: K-fold cross-validation over eval_ids instead (benchmark.cross_validate; fit_ids unused)."""
+    from difflab.attribute.benchmark import cross_validate, fit_heads, kind_scorer, score_queries, summarize
+    if cv:
+        per = cross_validate(eval_ids, cv, cons, ex, syn, dis, dis_factors, tcfg, per_kind)
+    else:
+        heads = fit_heads(fit_ids, cons, ex, syn, dis, tcfg, per_kind)
+        scored = [j for kind in heads for j in eval_ids if kind in (None, cons[j]["kind"])]   # by family, as fitted
+        per = score_queries(scored, cons, dis_factors, {j: len(x) for j, x in syn.items()},
+                            {j: len(x) for j, x in ex.items()}, kind_scorer(heads, cons, dis, ex, syn))
+    return {**summarize(per, cons), "rows": per}   # rows per query: {method: [{"model", "query", metric: value}]}
 
 
 def probe_line(dis: torch.Tensor, dis_factors: list[str], queries: torch.Tensor, query_factors: list[str],
@@ -133,7 +130,8 @@ def row(label: str, r: dict, m: str) -> str:
     Recall@10 over the scored models (benchmark.model_intervals)."""
     ci = " / ".join(f"{r['ci95'][m][k][0]:.2f}-{r['ci95'][m][k][1]:.2f}" for k in ("map", "recall@10"))
     return (f"| {label} | {' | '.join(f'{r[m][k]:.3f}' for k in ('map', 'recall@5', 'recall@10', 'recall@100'))} | "
-            + " | ".join(f"{r[kind][m]['map']:.3f} / {r[kind][m]['recall@10']:.3f}" for kind in ("object", "style"))
+            + " | ".join(f"{r['by_kind'][kind][m]['map']:.3f} / {r['by_kind'][kind][m]['recall@10']:.3f}"
+                         if kind in r["by_kind"] else "nan / nan" for kind in ("object", "style"))
             + f" | {ci} |")
 
 
@@ -146,21 +144,21 @@ def shows_by_model(out: Path, ids, cons) -> dict[int, list[bool]]:
     return {j: shows_concept(load_folder_images(out / "models" / f"{j:02d}" / "synth"), cons[j], oracle) for j in ids}
 
 
-def fidelity_table(shows: dict[int, list[bool]], r: dict, cons, methods) -> str:
+def fidelity_table(shows: dict[int, list[bool]], rows, cons) -> str:
     """Recall@10 of the scored queries split by whether each shows its exemplars' held-out value (`shows`, from
     shows_by_model): what the feature makes of the queries that carry the concept, and of those in which the
-    customized model did not copy it."""
+    customized model did not copy it. rows: (label, evaluate's result, method) per table row."""
     lines = ["| method | " + " | ".join(f"{kind}, {'shows' if s else 'does not show'} the concept"
                                         for kind in ("object", "style") for s in (True, False)) + " |",
              "|---|---|---|---|---|"]
-    for m in methods:
+    for label, r, m in rows:
         cells = []
         for kind in ("object", "style"):
             for s in (True, False):
                 v = [q["recall@10"] for q in r["rows"][m] if cons[q["model"]]["kind"] == kind
                      and shows[q["model"]][q["query"]] == s]
                 cells.append(f"{sum(v) / len(v):.3f} ({len(v)})" if v else "- (0)")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -179,6 +177,8 @@ def main():
     ap.add_argument("--val", type=int, default=8, help="the last N built training models are the validation set")
     ap.add_argument("--val-models", default=None, help="comma-separated training models to validate on instead")
     ap.add_argument("--grid", nargs="*", default=[], help="TuneConfig settings to compare on validation")
+    ap.add_argument("--cv", type=int, default=0, metavar="K", help="with --grid: validate by K-fold cross-validation "
+                    "over all the training models (benchmark.cross_validate) instead of the last --val ones")
     ap.add_argument("--test", default=None, help="TuneConfig settings to fit on all training models and test")
     ap.add_argument("--feature", default="encoder", choices=["encoder", "oracle", "oracle-backbone"],
                     help="oracle: its factor readings; oracle-backbone: the 256-d features its factor heads read")
@@ -201,8 +201,8 @@ def main():
     a = ap.parse_args()
     if a.curve and a.test is None:
         ap.error("--curve fits the --test heads on fewer training models: pass --test too")
-    if a.by_fidelity and a.test is None:
-        ap.error("--by-fidelity splits the --test split's queries: pass --test too")
+    if a.by_fidelity and a.test is None and not a.cv:
+        ap.error("--by-fidelity splits the --test split's (or --cv's) queries: pass --test or --cv too")
     torch.set_num_threads(a.threads)
     from difflab.attribute.benchmark import BenchmarkConfig, _split, benchmark_features, concepts
     from difflab.attribute.tuned import TuneConfig
@@ -239,16 +239,26 @@ def main():
         if a.val_models:
             val = [int(v) for v in a.val_models.split(",")]
             fit = [j for j in train_ids if j not in val]
-        print(f"validation: fitted on {len(fit)} training models, scored on models {val} ({feature} features{kinds}; "
-              f"fidelity {fidelity_line(shows_by_model(a.out, val, cons), cons)})\n")
+        if a.cv:
+            fit, val = [], train_ids
+        shows = shows_by_model(a.out, val, cons)
+        how = (f"{a.cv}-fold cross-validation over the {len(val)} training models (each scored by heads fitted on the "
+               "other folds)") if a.cv else f"fitted on {len(fit)} training models, scored on models {val}"
+        print(f"validation: {how} ({feature} features{kinds}; fidelity {fidelity_line(shows, cons)})\n")
         print(HEADER.format("heads", "val mAP"))
+        fidelity_rows = []
         for i, spec in enumerate(a.grid):
-            r = evaluate(fit, val, parse(spec, base), cons, ex, syn, dis, dis_factors, a.per_kind)
+            r = evaluate(fit, val, parse(spec, base), cons, ex, syn, dis, dis_factors, a.per_kind, a.cv)
             if i == 0:
                 print(row("untuned", r, "features"))
+                fidelity_rows.append(("untuned", r, "features"))
             if parse(spec, base).whiten:
                 print(row(f"whitening {parse(spec, base).whiten} only", r, "whitened"))
             print(row(spec or "folder settings", r, "tuned"), flush=True)
+            fidelity_rows.append((spec or "folder settings", r, "tuned"))
+        if a.by_fidelity:
+            print(f"\nRecall@10 (queries) by whether the query shows its exemplars' held-out value\n\n"
+                  f"{fidelity_table(shows, fidelity_rows, cons)}")
     if a.test is not None:
         r = evaluate(train_ids, test_ids, parse(a.test, base), cons, ex, syn, dis, dis_factors, a.per_kind)
         shows = shows_by_model(a.out, test_ids, cons)
@@ -260,7 +270,7 @@ def main():
             print(row(m, r, m))
         if a.by_fidelity:
             print(f"\nRecall@10 (queries) by whether the query shows its exemplars' held-out value\n\n"
-                  f"{fidelity_table(shows, r, cons, methods)}")
+                  f"{fidelity_table(shows, [(m, r, m) for m in methods], cons)}")
         lo, hi = r["ci95"]["tuned - features"]["map"]
         print(f"\ntuned - untuned mAP: {r['tuned']['map'] - r['features']['map']:+.3f} (95 % interval over the test "
               f"models {lo:+.3f} to {hi:+.3f})")
@@ -275,8 +285,8 @@ def main():
                 cell = lambda get: " / ".join(f"{get(r):.3f}" for r in rs)
                 size = n if n < len(train_ids) else f"{len(train_ids)} (all)"
                 print(f"| {size} | {cell(lambda r: r['tuned']['map'])} | "
-                      f"{cell(lambda r: r['tuned']['recall@10'])} | {cell(lambda r: r['object']['tuned']['recall@10'])} "
-                      f"| {cell(lambda r: r['style']['tuned']['recall@10'])} |", flush=True)
+                      f"{cell(lambda r: r['tuned']['recall@10'])} | {cell(lambda r: r['by_kind']['object']['tuned']['recall@10'])} "
+                      f"| {cell(lambda r: r['by_kind']['style']['tuned']['recall@10'])} |", flush=True)
 
 
 if __name__ == "__main__":

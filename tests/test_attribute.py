@@ -352,11 +352,13 @@ def test_benchmark_cli_passes_the_tuning_options(tmp_path, monkeypatch):
     t = seen["cfg"].tune
     assert (t.head, t.lr, t.hard_negatives, t.temperature) == ("channel", 0.003, 16, 0.02)
     r = _cli("attribute", "benchmark", "--out", tmp_path / "b", "--tune-head", "linear", "--tune-lr", "1e-4",
-             "--tune-whiten", "0")
+             "--tune-whiten", "0", "--folds", "7")
     assert (seen["cfg"].tune.head, seen["cfg"].tune.lr, seen["cfg"].tune.whiten) == ("linear", 1e-4, 0)
+    assert seen["cfg"].folds == 7
     from difflab.attribute import TuneConfig
     _cli("attribute", "benchmark", "--out", tmp_path / "b")
     assert seen["cfg"].tune == TuneConfig(progress=seen["cfg"].tune.progress)   # the CLI's defaults are TuneConfig's
+    assert seen["cfg"].folds == 0   # cross-validation is asked for
 
 
 def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):
@@ -394,16 +396,55 @@ def test_abc_benchmark_builds_tunes_and_scores_every_method(tmp_path):
     # heads per family need a training model of each: models 0 and 2 are both objects
     with pytest.raises(DifflabError, match="none is a style model"):
         run_benchmark(tmp_path / "abc", replace(cfg, heads_per_kind=True, unlearn_queries=0), progress=False)
-    # one more model (3, a style model: the others are the same models) and the tagger's readings as the encoder
+    # one more model (3, a style model: the others are the same models) and the tagger's readings as the encoder;
+    # 2-fold cross-validation over the 4 models as well
+    with pytest.raises(DifflabError, match="2 to 4 folds"):   # refused before anything is built
+        run_benchmark(tmp_path / "abc", replace(cfg, extra_train_models=2, unlearn_queries=0, folds=5), progress=False)
+    assert not (tmp_path / "abc" / "models" / "03").exists()
     m = run_benchmark(tmp_path / "abc", replace(cfg, extra_train_models=2, heads_per_kind=True, encoder="shapes-tagger",
-                                                unlearn_queries=0), progress=False)
+                                                unlearn_queries=0, folds=2), progress=False)
     assert m["models"] == {"train": 3, "test": 1} and 0 < m["tuned"]["map"] <= 1 and "unlearn" not in m
+    cv = m["crossval"]
+    assert (cv["folds"], cv["models"], cv["queries"]) == (2, 4, 8) and set(cv["fidelity"]) == {"object", "style"}
+    assert set(cv["by_kind"]) == {"object", "style"} and 0 < cv["tuned"]["map"] <= 1 and "oracle" in cv
+    rows = json.loads((tmp_path / "abc" / "per_query_crossval.json").read_text())
+    assert sorted((r["model"], r["query"]) for r in rows["tuned"]) == [(j, q) for j in range(4) for q in range(2)]
     assert [json.loads((heads / k / "heads.json").read_text())["train_models"] for k in ("object", "style")] \
         == [[0, 2], [3]]
     from difflab.attribute.tuned import load_heads
     assert load_heads(heads / "style", "shapes-tagger").dim == 30   # 6 + 6 + 3 + 9 + 3 + 3 trained values
     with pytest.raises(DifflabError, match="one pair of heads per family: pass .*object or .*style"):
         load_heads(heads)   # the first run's single pair is gone with the rerun
+    run_benchmark(tmp_path / "abc", replace(cfg, extra_train_models=2, unlearn_queries=0), progress=False)
+    assert not (tmp_path / "abc" / "per_query_crossval.json").exists()   # a run without folds leaves no stale one
+
+
+def test_cross_validation_scores_each_fold_with_heads_that_never_saw_it():
+    from difflab.attribute import TuneConfig
+    from difflab.attribute.benchmark import cross_validate, crossval_folds, fit_heads, kind_scorer, score_queries
+    cons = [{"kind": k, "exemplars": []} for k in ("object", "style") * 5]   # models 0-9, alternating families
+    folds = crossval_folds(range(10), cons, 3)
+    # each family dealt round-robin: every model once, every fold holds both families
+    assert folds == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5]]
+    with pytest.raises(DifflabError, match="2 to 10 folds"):
+        crossval_folds(range(10), cons, 1)
+    g = torch.Generator().manual_seed(0)
+    concept = torch.randn(10, 8, generator=g)   # each model's queries and exemplars share a direction
+    ex = {j: concept[j] + 0.7 * torch.randn(2, 8, generator=g) for j in range(10)}
+    syn = {j: concept[j] + 0.7 * torch.randn(3, 8, generator=g) for j in range(10)}
+    dis = torch.randn(200, 8, generator=g)
+    dis_factors = [json.dumps({"i": i}) for i in range(200)]
+    tcfg = TuneConfig(steps=30, batch=4, negatives=16, lr=0.05, calibrate_steps=2, progress=False)
+    per = cross_validate(range(10), 3, cons, ex, syn, dis, dis_factors, tcfg, per_kind=True)
+    assert sorted((r["model"], r["query"]) for r in per["tuned"]) == [(j, q) for j in range(10) for q in range(3)]
+    # the rows of fold [4, 5] are those of heads fitted on the other 8 models alone
+    heads = fit_heads([0, 1, 2, 3, 6, 7, 8, 9], cons, ex, syn, dis, tcfg, per_kind=True)
+    alone = score_queries([4, 5], cons, dis_factors, {4: 3, 5: 3}, {4: 2, 5: 2}, kind_scorer(heads, cons, dis, ex, syn))
+    assert [r for r in per["tuned"] if r["model"] in (4, 5)] == alone["tuned"]
+    assert [r for r in per["tuned"] if r["model"] in (4, 5)] != \
+        score_queries(   # and not those of heads that saw the fold: the data tells the two apart
+[4, 5], cons, dis_factors, {4: 3, 5: 3}, {4: 2, 5: 2}, kind_scorer(
+            fit_heads(list(range(10)), cons, ex, syn, dis, tcfg, per_kind=True), cons, dis, ex, syn))["tuned"]
 
 
 def test_benchmark_reference_reads_the_ground_truth():

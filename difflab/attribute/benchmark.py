@@ -69,6 +69,8 @@ class BenchmarkConfig:
     seed: int = 0
     heads_per_kind: bool = False     # one pair of heads per family (object, style), each scoring its own queries:
                                      # AbC's object-only and style-only heads (released as an ablation)
+    folds: int = 0                   # also K-fold cross-validation over every built model (metrics.json "crossval"):
+                                     # each model scored by heads fitted without it; 8 test models are few
 
 
 def concepts(cfg: BenchmarkConfig) -> list[dict]:
@@ -273,6 +275,49 @@ def score_queries(ids, cons: list[dict], dis_factors: list[str], n_queries, n_ex
     return per
 
 
+def crossval_folds(ids, cons: list[dict], k: int) -> list[list[int]]:
+    """k folds of models `ids`: each family's models dealt round-robin in model order, so every fold holds its
+    share of both families and the heads fitted on the other folds see both."""
+    if not 2 <= k <= len(ids):
+        raise DifflabError(f"cross-validation needs 2 to {len(ids)} folds (one model each at most), not {k}")
+    folds = [[] for _ in range(k)]
+    for kind in ("object", "style"):
+        for i, j in enumerate(j for j in ids if cons[j]["kind"] == kind):
+            folds[i % k].append(j)
+    return [sorted(f) for f in folds if f]
+
+
+def cross_validate(ids, k: int, cons: list[dict], ex, syn, dis: torch.Tensor, dis_factors: list[str],
+                   tcfg: TuneConfig, per_kind: bool = False, extra_scores=None) -> dict[str, list[dict]]:
+    """K-fold cross-validation of the tuned heads over models `ids` (crossval_folds): each fold's queries scored
+    (score_queries' rows) by heads fitted on the other folds' models, so every model is a test model once and none
+    is scored by heads that saw it. A fixed test split of a few models measures Recall@10 to +-0.1 (the models'
+    queries succeed or fail together); this uses every built model. extra_scores(j, q, keep): more methods' rows
+    (the oracle's reference)."""
+    per: dict[str, list[dict]] = {}
+    for fold in crossval_folds(ids, cons, k):
+        heads = fit_heads([j for j in ids if j not in fold], cons, ex, syn, dis, tcfg, per_kind)
+        scorer = kind_scorer(heads, cons, dis, ex, syn)
+        scores = scorer if extra_scores is None else lambda j, q, keep: {**scorer(j, q, keep), **extra_scores(j, q, keep)}
+        for m, rows in score_queries(fold, cons, dis_factors, {j: len(syn[j]) for j in fold},
+                                     {j: len(ex[j]) for j in fold}, scores).items():
+            per.setdefault(m, []).extend(rows)
+    return per
+
+
+def summarize(per: dict[str, list[dict]], cons: list[dict]) -> dict:
+    """score_queries' rows -> {method: mean metrics, "by_kind": {family: {method: mean metrics}}, "ci95": intervals
+    over the models (model_intervals), "queries": how many}."""
+    metrics_only = lambda r: {k: v for k, v in r.items() if k not in ("model", "query")}
+    out = {m: _mean([metrics_only(r) for r in rows]) for m, rows in per.items()}
+    kinds = [kind for kind in ("object", "style") if any(cons[r["model"]]["kind"] == kind for r in per["features"])]
+    out["by_kind"] = {kind: {m: _mean([metrics_only(r) for r in rows if cons[r["model"]]["kind"] == kind])
+                             for m, rows in per.items()} for kind in kinds}
+    out["ci95"] = model_intervals(per)
+    out["queries"] = len(per["features"])
+    return out
+
+
 def _split(cfg: BenchmarkConfig) -> tuple[list[int], list[int]]:
     n = cfg.models
     return list(range(n // 2)) + list(range(n, n + cfg.extra_train_models)), list(range(n // 2, n))
@@ -336,6 +381,8 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     cfg = cfg or BenchmarkConfig()
     out = Path(out)
     refuse_other_settings(out, json.loads(json.dumps(asdict(cfg))), BUILD_SETTINGS, asdict(BenchmarkConfig()))
+    if cfg.folds:   # a bad K refused before anything is built
+        crossval_folds(range(cfg.models + cfg.extra_train_models), concepts(cfg), cfg.folds)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", asdict(cfg))
     t0 = time.time()
@@ -349,10 +396,13 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     from difflab.core.data import load_folder_images
     from difflab.models import load_oracle
     oracle = load_oracle()
+    scored = sorted(train_ids + test_ids) if cfg.folds else test_ids   # every model, with cross-validation
     ref = {j: {part: oracle_features(load_folder_images(out / "models" / f"{j:02d}" / part), oracle)
-               for part in ("exemplars", "synth")} for j in test_ids}
+               for part in ("exemplars", "synth")} for j in scored}
     dis_oracle = oracle_features(load_folder_images(out / "distractors"), oracle)
-    fid = {j: fidelity(load_folder_images(out / "models" / f"{j:02d}" / "synth"), cons[j], oracle) for j in test_ids}
+    fid = {j: fidelity(load_folder_images(out / "models" / f"{j:02d}" / "synth"), cons[j], oracle) for j in scored}
+    mean_fidelity = lambda ids: {kind: float(np.mean([fid[j] for j in ids if cons[j]["kind"] == kind]))
+                                 for kind in ("object", "style") if any(cons[j]["kind"] == kind for j in ids)}
 
     t1 = time.time()
     heads = fit_heads(train_ids, cons, ex, syn, dis_feats, cfg.tune, cfg.heads_per_kind)
@@ -369,23 +419,24 @@ def run_benchmark(out: str | Path, cfg: BenchmarkConfig | None = None, progress:
     encoder_scores = kind_scorer(heads, cons, dis_feats, ex, syn)
 
     @torch.no_grad()
-    def feature_scores(j: int, q: int, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-        """feature_scorer's rows, and the oracle's factor readings (the reference)."""
-        return {**encoder_scores(j, q, keep),
-                "oracle": torch.cat([dis_oracle[keep], ref[j]["exemplars"]]) @ ref[j]["synth"][q]}
+    def oracle_scores(j: int, q: int, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The oracle's factor readings (the reference)."""
+        return {"oracle": torch.cat([dis_oracle[keep], ref[j]["exemplars"]]) @ ref[j]["synth"][q]}
 
+    feature_scores = lambda j, q, keep: {**encoder_scores(j, q, keep), **oracle_scores(j, q, keep)}
     per = score_queries(test_ids, cons, dis_factors, {j: len(s) for j, s in syn.items()},
                         {j: len(e) for j, e in ex.items()}, feature_scores)
-    scores_only = lambda r: {k: v for k, v in r.items() if k not in ("model", "query")}
-    metrics = {m: _mean([scores_only(r) for r in rows]) for m, rows in per.items()}
-    metrics["fidelity"] = {kind: float(np.mean([fid[j] for j in test_ids if cons[j]["kind"] == kind]))
-                           for kind in ("object", "style") if any(cons[j]["kind"] == kind for j in test_ids)}
-    metrics["by_kind"] = {kind: {m: _mean([scores_only(r) for r in rows if cons[r["model"]]["kind"] == kind])
-                                 for m, rows in per.items()}
-                          for kind in metrics["fidelity"]}
-    metrics["ci95"] = model_intervals(per)
+    metrics = summarize(per, cons)
+    metrics["fidelity"] = mean_fidelity(test_ids)
     metrics["models"] = {"train": len(train_ids), "test": len(test_ids)}
-    metrics["queries"] = len(per["features"])
+    if cfg.folds:
+        per_cv = cross_validate(scored, cfg.folds, cons, ex, syn, dis_feats, dis_factors, cfg.tune,
+                                cfg.heads_per_kind, oracle_scores)
+        metrics["crossval"] = {**summarize(per_cv, cons), "fidelity": mean_fidelity(scored), "folds": cfg.folds,
+                               "models": len(scored)}
+        atomic_write_json(out / "per_query_crossval.json", per_cv)
+    else:   # an earlier run's cross-validation would read as this run's
+        (out / "per_query_crossval.json").unlink(missing_ok=True)
     if cfg.unlearn_queries:
         metrics["unlearn_subset"] = unlearn_eval(out, cfg, test_ids, {j: len(e) for j, e in ex.items()}, candidates,
                                                  feature_scores, progress)

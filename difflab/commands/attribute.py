@@ -98,6 +98,10 @@ def _shard(value: str) -> tuple[int, int]:
 @click.option("--heads-per-kind", is_flag=True,
               help="One pair of heads per family (OUT/heads/object, OUT/heads/style), each scoring its own family's "
                    "queries: AbC's object-only and style-only heads.")
+@click.option("--folds", type=click.IntRange(0), default=0, show_default=True,
+              help="Also K-fold cross-validation over every built model (metrics.json \"crossval\"): each fold's "
+                   "models scored by heads fitted on the others; a far tighter figure than the test split's few "
+                   "models (0: off).")
 @click.option("--style", type=click.Choice(["texture", "all-but-shape", "combination"]), default="texture",
               show_default=True,
               help="What a style model's three exemplars share: the held-out texture and a colour; every factor but "
@@ -107,11 +111,12 @@ def _shard(value: str) -> tuple[int, int]:
                    "build; the last to finish evaluates and writes metrics.json.")
 def attribute_benchmark(out, models, extra_train_models, synth, distractors, customize_steps, recipe, customize_params,
                         tune_steps, tune_negatives, tune_temperature, tune_head, tune_lr, tune_whiten,
-                        tune_hard_negatives, unlearn_queries, unlearn_distractors, encoder, heads_per_kind, style, shard):
+                        tune_hard_negatives, unlearn_queries, unlearn_distractors, encoder, heads_per_kind, folds, style, shard):
     """The AbC-style benchmark on the shapes world: exemplars -> Custom Diffusion models -> synthesized queries;
     tunes the heads (OUT/heads) and writes metrics.json: {"features": {"map", "recall@5", "recall@10",
     "recall@100"}, "tuned": {...}, "unlearn": {...}}, with "ci95": 95 % intervals of mAP and Recall@10 (and of the
-    tuned gain, "tuned - features") by a bootstrap over the test models, whose queries are not independent."""
+    tuned gain, "tuned - features") by a bootstrap over the test models, whose queries are not independent; with
+    --folds K, "crossval": the same over every built model, each scored by heads fitted on the other folds."""
     from difflab.attribute import BenchmarkConfig, TuneConfig, run_benchmark
     from difflab.attribute.benchmark import _customize_defaults
     from difflab.customize import shapes_recipe
@@ -125,7 +130,8 @@ def attribute_benchmark(out, models, extra_train_models, synth, distractors, cus
                           customize=ccfg, tune=TuneConfig(steps=tune_steps, negatives=tune_negatives,
                                                           temperature=tune_temperature, head=tune_head, lr=tune_lr,
                                                           whiten=tune_whiten, hard_negatives=tune_hard_negatives), unlearn_queries=unlearn_queries,
-                          unlearn_distractors=unlearn_distractors, style=style, heads_per_kind=heads_per_kind)
+                          unlearn_distractors=unlearn_distractors, style=style, heads_per_kind=heads_per_kind,
+                          folds=folds)
     click.echo(json.dumps(run_benchmark(out, cfg, shard=_shard(shard)), indent=2))
 
 
