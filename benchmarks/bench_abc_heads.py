@@ -27,7 +27,7 @@ fitted on 8,000 distractors, scored on the other 2,000 and on every built model'
 oracle's reading: how well the encoder reads generated images). --curve N1,N2,...
 fits the --test heads on N randomly drawn training models (--reps draws each, seeded; each family in its share)
 and scores the same test split: whether more customized models would help the heads. --by-fidelity splits the
-test queries' (or --cv's) Recall@10 by whether each shows its exemplars' held-out value (the oracle's reading). Each header
+test (or validation) queries' Recall@10 by whether each shows its exemplars' held-out value (the oracle's reading). Each header
 line gives the scored models' fidelity (how often their queries show the exemplars' held-out value). Prints
 markdown tables; 1 thread reproduces to the digit.
 """
@@ -182,7 +182,7 @@ def main():
     ap.add_argument("--test", default=None, help="TuneConfig settings to fit on all training models and test")
     ap.add_argument("--feature", default="encoder", choices=["encoder", "oracle", "oracle-backbone"],
                     help="oracle: its factor readings; oracle-backbone: the 256-d features its factor heads read")
-    ap.add_argument("--by-fidelity", action="store_true", help="with --test, Recall@10 of the queries that show their "
+    ap.add_argument("--by-fidelity", action="store_true", help="Recall@10 of the scored queries that show their "
                     "exemplars' held-out value and of those that do not, by kind")
     ap.add_argument("--encoder", default=None, help="score another encoder's features than the folder's (e.g. "
                                                      "shapes-dreamsim)")
@@ -201,8 +201,8 @@ def main():
     a = ap.parse_args()
     if a.curve and a.test is None:
         ap.error("--curve fits the --test heads on fewer training models: pass --test too")
-    if a.by_fidelity and a.test is None and not a.cv:
-        ap.error("--by-fidelity splits the --test split's (or --cv's) queries: pass --test or --cv too")
+    if a.by_fidelity and a.test is None and not a.grid:
+        ap.error("--by-fidelity splits the scored queries (--test's or --grid's): pass --test or --grid too")
     torch.set_num_threads(a.threads)
     from difflab.attribute.benchmark import BenchmarkConfig, _split, benchmark_features, concepts
     from difflab.attribute.tuned import TuneConfig
