@@ -8,7 +8,8 @@ Every built model was scored once by heads fitted without it (benchmark.cross_va
 models averages queries that succeed or fail together, so its figure depends on which models it drew; this prints
 each fold's figures, the folder's own test split as cross-validation scored it, and the 5th/50th/95th percentiles
 of the Recall@10 of random test splits with as many models of each family as the folder's (seeded draws of the
-per-model scores), with the share of draws at or below the test split's. Prints markdown; seconds.
+per-model scores), with the share of draws at or below the test split's. Methods: features (untuned), tuned, and
+oracle (the oracle's factor readings, untuned: the benchmark's reference). Prints markdown; seconds.
 """
 import argparse
 import json
