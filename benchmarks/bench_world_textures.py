@@ -3,14 +3,19 @@ same shapes rendered exactly and passed through the VAE as the references (the A
 only copy a texture the model can draw).
 
     python benchmarks/bench_world_textures.py [--threads 2] [--n 2] [--seed 777]
+    python benchmarks/bench_world_textures.py --benchmark OUT [--models 86]   # + OUT's style models by texture
 
 For each trained texture: prompts "a {colour} {texture} {shape}" over every trained shape and the first three
 colours, --n images each (DDIM 25 steps, guidance 5, seeds from --seed), and the same (shape, colour, texture)
 rendered large at the centre on white, read as rendered and after a VAE round trip (posterior mean). Prints a
-markdown table: the share read as the named texture, and what the generated images read as instead. Seconds.
+markdown table: the share read as the named texture, and what the generated images read as instead. With
+--benchmark, also the fidelity (benchmark.fidelity: the share of a model's queries that show its exemplars' texture
+and colour) of a built benchmark's style models (the first --models), by their exemplars' texture. Seconds.
 """
 import argparse
+import json
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -20,6 +25,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n", type=int, default=2, help="images per prompt")
     ap.add_argument("--seed", type=int, default=777)
+    ap.add_argument("--benchmark", type=Path, default=None, help="a folder built by difflab attribute benchmark")
+    ap.add_argument("--models", type=int, default=None, help="with --benchmark: its first N models (default: all)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from difflab.core.data import encode_latents, to_pixels
@@ -43,6 +50,21 @@ def main():
         share = lambda imgs: sum(r["texture"] == t for r in oracle.predict(imgs)) / len(imgs)
         print(f"| {t} ({len(pairs)} x {a.n}) | {read.count(t) / len(read):.3f} | {share(renders):.3f} | "
               f"{share(recon):.3f} | {', '.join(f'{k} {v}' for k, v in Counter(read).most_common())} |")
+    if a.benchmark:
+        from difflab.attribute.benchmark import BenchmarkConfig, concepts, fidelity
+        from difflab.core.data import load_folder_images
+        raw = json.loads((a.benchmark / "config.json").read_text())
+        cons = concepts(BenchmarkConfig(**{k: v for k, v in raw.items() if k in (
+            "models", "extra_train_models", "concept_seed", "style", "seed")}))[:a.models]
+        by = {}
+        for j, c in enumerate(cons):
+            if c["kind"] == "style":
+                synth = load_folder_images(a.benchmark / "models" / f"{j:02d}" / "synth")
+                by.setdefault(c["exemplars"][0]["texture"], []).append(fidelity(synth, c, oracle))
+        print(f"\n{a.benchmark}: style models ({len(cons)} models) by their exemplars' texture\n\n"
+              "| texture | models | mean fidelity | lowest, highest |\n|---|---|---|---|")
+        for t, v in sorted(by.items()):
+            print(f"| {t} | {len(v)} | {sum(v) / len(v):.3f} | {min(v):.2f}, {max(v):.2f} |")
 
 
 if __name__ == "__main__":
