@@ -24,10 +24,8 @@ def main():
     ap.add_argument("--draws", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    from difflab.attribute.benchmark import BenchmarkConfig, _split, concepts, crossval_folds
-    raw = json.loads((a.out / "config.json").read_text())
-    cfg = BenchmarkConfig(**{k: v for k, v in raw.items() if k in ("models", "extra_train_models", "concept_seed",
-                                                                    "style", "seed")})
+    from difflab.attribute.benchmark import _split, concepts, crossval_folds, folder_config
+    cfg = folder_config(a.out)
     cons = concepts(cfg)
     metrics = json.loads((a.out / "metrics.json").read_text())
     if "crossval" not in metrics:
@@ -45,7 +43,7 @@ def main():
 
     cv = metrics["crossval"]
     print(f"{a.out}: {cv['folds']}-fold cross-validation over {len(ids)} models ({cv['queries']} queries; encoder "
-          f"{raw['encoder']}, heads {'per family' if raw.get('heads_per_kind') else 'one pair'})\n")
+          f"{cfg.encoder}, heads {'per family' if cfg.heads_per_kind else 'one pair'})\n")
     print(f"| fold: models | {' | '.join(f'{m} mAP / R@10' for m in methods)} |\n|---|" + "---|" * len(methods))
     for i, fold in enumerate(crossval_folds(ids, cons, cv["folds"])):
         print(f"| {i}: {','.join(map(str, fold))} | {cell(fold)} |")

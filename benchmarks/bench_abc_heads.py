@@ -204,17 +204,13 @@ def main():
     if a.by_fidelity and a.test is None and not a.grid:
         ap.error("--by-fidelity splits the scored queries (--test's or --grid's): pass --test or --grid too")
     torch.set_num_threads(a.threads)
-    from difflab.attribute.benchmark import BenchmarkConfig, _split, benchmark_features, concepts
-    from difflab.attribute.tuned import TuneConfig
-    raw = json.loads((a.out / "config.json").read_text())
-    cfg = BenchmarkConfig(**{k: v for k, v in raw.items() if k in ("models", "extra_train_models", "synth_per_model",
-                                                                    "distractors", "concept_seed", "encoder", "style",
-                                                                    "seed")})
+    from difflab.attribute.benchmark import _split, benchmark_features, concepts, folder_config
+    cfg = folder_config(a.out)
     if a.encoder:
         cfg.encoder = a.encoder
     if a.split:
         cfg.models, cfg.extra_train_models = (int(v) for v in a.split.split(","))
-    base = TuneConfig(**{**raw["tune"], "progress": False})
+    base = dataclasses.replace(cfg.tune, progress=False)
     cons = concepts(cfg)
     # a folder still being built: its built models only
     built = [j for j in range(len(cons)) if (a.out / "models" / f"{j:02d}" / "synth" / "metadata.jsonl").exists()]

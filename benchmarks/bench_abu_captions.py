@@ -25,17 +25,16 @@ def main():
     torch.set_num_threads(a.threads)
     from safetensors.torch import load_file
 
-    from difflab.attribute.benchmark import (BenchmarkConfig, _mean, _split, abu_candidates, concepts,
+    from difflab.attribute.benchmark import (_mean, _split, abu_candidates, concepts, folder_config,
                                              kept_distractors, rank_metrics)
-    from difflab.attribute.unlearn import (TrainingData, UnlearnConfig, attribute_by_unlearning, cached_fisher,
-                                           query_tensors, sweep_losses, training_data)
+    from difflab.attribute.unlearn import (TrainingData, attribute_by_unlearning, cached_fisher, query_tensors,
+                                           sweep_losses, training_data)
     from difflab.core.data import read_metadata
     from difflab.customize import apply_weights
     from difflab.models import load_pipeline
-    saved = json.loads((a.out / "config.json").read_text())
-    cfg = BenchmarkConfig(style=a.style or saved["style"], models=saved["models"], extra_train_models=saved["extra_train_models"],
-                          unlearn_queries=saved["unlearn_queries"], unlearn_distractors=saved["unlearn_distractors"])
-    ucfg = UnlearnConfig(**saved["unlearn"])
+    cfg = folder_config(a.out)
+    cfg.style = a.style or cfg.style
+    ucfg = cfg.unlearn
     cons = concepts(cfg)
     base = load_pipeline("shapes")
     full = training_data(base, a.out / "distractors")

@@ -13,7 +13,6 @@ markdown table: the share read as the named texture, and what the generated imag
 and colour) of a built benchmark's style models (the first --models), by their exemplars' texture. Seconds.
 """
 import argparse
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -29,7 +28,7 @@ def main():
     ap.add_argument("--models", type=int, default=None, help="with --benchmark: its first N models (default: all)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from difflab.core.data import encode_latents, to_pixels
+    from difflab.core.data import to_pixels
     from difflab.generate import generate_images
     from difflab.models import load_oracle, load_pipeline
     from difflab.world.draw import FACTORS, render
@@ -45,17 +44,15 @@ def main():
         renders = [render({"shape": s, "color": c, "size": "large", "position": "center", "background": "white",
                            "texture": t}) for s, c in pairs]
         with torch.no_grad():
-            z = encode_latents(pipe.vae, to_pixels(renders)) / pipe.vae.config.scaling_factor
+            z = pipe.vae.encode(to_pixels(renders)).latent_dist.mean
             recon = pipe.image_processor.postprocess(pipe.vae.decode(z).sample, output_type="pil")
         share = lambda imgs: sum(r["texture"] == t for r in oracle.predict(imgs)) / len(imgs)
         print(f"| {t} ({len(pairs)} x {a.n}) | {read.count(t) / len(read):.3f} | {share(renders):.3f} | "
               f"{share(recon):.3f} | {', '.join(f'{k} {v}' for k, v in Counter(read).most_common())} |")
     if a.benchmark:
-        from difflab.attribute.benchmark import BenchmarkConfig, concepts, fidelity
+        from difflab.attribute.benchmark import concepts, fidelity, folder_config
         from difflab.core.data import load_folder_images
-        raw = json.loads((a.benchmark / "config.json").read_text())
-        cons = concepts(BenchmarkConfig(**{k: v for k, v in raw.items() if k in (
-            "models", "extra_train_models", "concept_seed", "style", "seed")}))[:a.models]
+        cons = concepts(folder_config(a.benchmark))[:a.models]
         by = {}
         for j, c in enumerate(cons):
             if c["kind"] == "style":

@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,14 @@ class BenchmarkConfig:
                                      # AbC's object-only and style-only heads (released as an ablation)
     folds: int = 0                   # also K-fold cross-validation over every built model (metrics.json "crossval"):
                                      # each model scored by heads fitted without it; 8 test models are few
+
+
+def folder_config(out: str | Path) -> BenchmarkConfig:
+    """The settings a built benchmark folder's config.json records (a field it does not know takes its default)."""
+    known = lambda cls, d: {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
+    nested = {"customize": CustomizeConfig, "tune": TuneConfig, "unlearn": UnlearnConfig}
+    raw = known(BenchmarkConfig, json.loads((Path(out) / "config.json").read_text()))
+    return BenchmarkConfig(**{k: nested[k](**known(nested[k], v)) if k in nested else v for k, v in raw.items()})
 
 
 def concepts(cfg: BenchmarkConfig) -> list[dict]:
