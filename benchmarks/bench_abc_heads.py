@@ -171,11 +171,21 @@ def fidelity_line(shows: dict[int, list[bool]], cons) -> str:
     return ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(by.items()))
 
 
+def model_list(spec: str) -> list[int]:
+    """'86-89,95' -> [86, 87, 88, 89, 95]."""
+    return [j for v in spec.split(",")
+            for j in (range(int(v.split("-")[0]), int(v.split("-")[1]) + 1) if "-" in v else [int(v)])]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--val", type=int, default=8, help="the last N built training models are the validation set")
-    ap.add_argument("--val-models", default=None, help="comma-separated training models to validate on instead")
+    ap.add_argument("--val-models", default=None,
+                    help="training models to validate on instead: comma-separated, ranges allowed (86-133)")
+    ap.add_argument("--fit-models", default=None,
+                    help="with --val-models: fit the heads on these models (same syntax) instead of the other "
+                         "training models")
     ap.add_argument("--grid", nargs="*", default=[], help="TuneConfig settings to compare on validation")
     ap.add_argument("--cv", type=int, default=0, metavar="K", help="with --grid: validate by K-fold cross-validation "
                     "over all the training models (benchmark.cross_validate) instead of the last --val ones")
@@ -233,8 +243,10 @@ def main():
     if a.grid:
         fit, val = train_ids[:-a.val], train_ids[-a.val:]
         if a.val_models:
-            val = [int(v) for v in a.val_models.split(",")]
+            val = model_list(a.val_models)
             fit = [j for j in train_ids if j not in val]
+        if a.fit_models:
+            fit = model_list(a.fit_models)
         if a.cv:
             fit, val = [], train_ids
         shows = shows_by_model(a.out, val, cons)
