@@ -211,6 +211,8 @@ def main():
     a = ap.parse_args()
     if a.curve and a.test is None:
         ap.error("--curve fits the --test heads on fewer training models: pass --test too")
+    if a.fit_models and not a.val_models:
+        ap.error("--fit-models says what the heads are fitted on beside --val-models: pass --val-models too")
     if a.by_fidelity and a.test is None and not a.grid:
         ap.error("--by-fidelity splits the scored queries (--test's or --grid's): pass --test or --grid too")
     torch.set_num_threads(a.threads)
@@ -247,6 +249,8 @@ def main():
             fit = [j for j in train_ids if j not in val]
         if a.fit_models:
             fit = model_list(a.fit_models)
+            if set(fit) & set(val):
+                ap.error("--fit-models and --val-models overlap: the heads would be scored on models they saw")
         if a.cv:
             fit, val = [], train_ids
         shows = shows_by_model(a.out, val, cons)
