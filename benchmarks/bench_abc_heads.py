@@ -27,9 +27,9 @@ fitted on 8,000 distractors, scored on the other 2,000 and on every built model'
 oracle's reading: how well the encoder reads generated images). --curve N1,N2,...
 fits the --test heads on N randomly drawn training models (--reps draws each, seeded; each family in its share)
 and scores the same test split: whether more customized models would help the heads. --by-fidelity splits the
-test (or validation) queries' Recall@10 by whether each shows its exemplars' held-out value (the oracle's reading). Each header
-line gives the scored models' fidelity (how often their queries show the exemplars' held-out value). Prints
-markdown tables; 1 thread reproduces to the digit.
+test (or validation) queries' Recall@10 by whether each shows its exemplars' held-out value (the oracle's
+reading). Each header line gives the scored models' fidelity (how often their queries show the exemplars' held-out
+value). Prints markdown tables; 1 thread reproduces to the digit.
 """
 import argparse
 import dataclasses
@@ -173,8 +173,11 @@ def fidelity_line(shows: dict[int, list[bool]], cons) -> str:
 
 def model_list(spec: str) -> list[int]:
     """'86-89,95' -> [86, 87, 88, 89, 95]."""
-    return [j for v in spec.split(",")
-            for j in (range(int(v.split("-")[0]), int(v.split("-")[1]) + 1) if "-" in v else [int(v)])]
+    out = []
+    for v in spec.split(","):
+        lo, _, hi = v.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
 
 
 def main():
@@ -297,8 +300,9 @@ def main():
                 cell = lambda get: " / ".join(f"{get(r):.3f}" for r in rs)
                 size = n if n < len(train_ids) else f"{len(train_ids)} (all)"
                 print(f"| {size} | {cell(lambda r: r['tuned']['map'])} | "
-                      f"{cell(lambda r: r['tuned']['recall@10'])} | {cell(lambda r: r['by_kind']['object']['tuned']['recall@10'])} "
-                      f"| {cell(lambda r: r['by_kind']['style']['tuned']['recall@10'])} |", flush=True)
+                      f"{cell(lambda r: r['tuned']['recall@10'])} | "
+                      f"{cell(lambda r: r['by_kind']['object']['tuned']['recall@10'])} | "
+                      f"{cell(lambda r: r['by_kind']['style']['tuned']['recall@10'])} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -306,7 +306,8 @@ def cross_validate(ids, k: int, cons: list[dict], ex, syn, dis: torch.Tensor, di
     for fold in crossval_folds(ids, cons, k):
         heads = fit_heads([j for j in ids if j not in fold], cons, ex, syn, dis, tcfg, per_kind)
         scorer = kind_scorer(heads, cons, dis, ex, syn)
-        scores = scorer if extra_scores is None else lambda j, q, keep: {**scorer(j, q, keep), **extra_scores(j, q, keep)}
+        scores = scorer if extra_scores is None else \
+            lambda j, q, keep: {**scorer(j, q, keep), **extra_scores(j, q, keep)}
         for m, rows in score_queries(fold, cons, dis_factors, {j: len(syn[j]) for j in fold},
                                      {j: len(ex[j]) for j in fold}, scores).items():
             per.setdefault(m, []).extend(rows)

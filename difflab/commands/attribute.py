@@ -111,7 +111,8 @@ def _shard(value: str) -> tuple[int, int]:
                    "build; the last to finish evaluates and writes metrics.json.")
 def attribute_benchmark(out, models, extra_train_models, synth, distractors, customize_steps, recipe, customize_params,
                         tune_steps, tune_negatives, tune_temperature, tune_head, tune_lr, tune_whiten,
-                        tune_hard_negatives, unlearn_queries, unlearn_distractors, encoder, heads_per_kind, folds, style, shard):
+                        tune_hard_negatives, unlearn_queries, unlearn_distractors, encoder, heads_per_kind, folds, style,
+                        shard):
     """The AbC-style benchmark on the shapes world: exemplars -> Custom Diffusion models -> synthesized queries;
     tunes the heads (OUT/heads) and writes metrics.json: {"features": {"map", "recall@5", "recall@10",
     "recall@100"}, "tuned": {...}, "unlearn": {...}}, with "ci95": 95 % intervals of mAP and Recall@10 (and of the
